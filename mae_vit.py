@@ -1,0 +1,919 @@
+"""Masked-autoencoder pre-training of a lightweight ViT on CIFAR, in one file.
+
+Reference implementation of
+    J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets
+    with Minimally Scaled Images", 2024 (arXiv:2402.03752).
+
+32x32 CIFAR images are resized to 36x36 and cut into 144 patches of 3x3 pixels; an
+all-zero dummy patch is appended as patch 145 and its encoded embedding is the
+classification token. A 12-layer, width-192 ViT encoder (3.64 M parameters with its
+classification head) is pre-trained as a masked autoencoder with a 4-layer decoder,
+then fine-tuned with AutoAugment.
+
+    python mae_vit.py --stage pretrain --dataset cifar10                    # Table 1
+    python mae_vit.py --stage finetune --dataset cifar10 \
+        --init runs/pretrain-cifar10/checkpoint.pth                          # Table 2
+    python mae_vit.py --stage eval --init runs/finetune-cifar10/checkpoint.pth
+    python mae_vit.py --stage bench                                          # speed
+
+Paper, Table 3: 96.41% top-1 on CIFAR-10 and 78.27% on CIFAR-100, 3.64 M parameters.
+This file has not been trained to those numbers here (no GPU and no CIFAR were
+available while it was written); README.md lists what was measured, where and how.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+
+# ----------------------------------------------------------------------------------
+# Recipes: Table 1 (pre-training) and Table 2 (fine-tuning). Every value can be
+# overridden on the command line; what is not given comes from here.
+# ----------------------------------------------------------------------------------
+IMAGE_SIZE = 36      # §3: 32x32 CIFAR images minimally scaled to 36x36
+PATCH = 3            # §3: 3x3 patches -> 12 x 12 = 144 patches
+NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2           # 144 image patches
+PATCH_DIM = 3 * PATCH * PATCH                      # 27 pixel values per patch
+NUM_TOKENS = NUM_PATCHES + 1                       # + the dummy patch (§3) = 145
+DIM, HEADS = 192, 3                                # §3.1: embedding size 192, 3 heads
+ENCODER_DEPTH, DECODER_DEPTH = 12, 4               # §3.1: 12 encoder, 4 decoder layers
+MLP_RATIO, DROPOUT = 2, 0.1                        # §3.1: MLP 192 -> 384 -> 192, dropout 0.1
+MEAN, STD = 0.5, 0.5                               # Tables 1-2: colour normalization
+
+PRETRAIN = dict(                     # Table 1
+    epochs=4000,                     # total epochs
+    warmup_epochs=400,               # warm-up epochs
+    batch_size=1408,                 # batch size
+    base_lr=1.5e-4,                  # base learning rate (lr = base * batch / 256, Eq. 2)
+    weight_decay=0.05,               # AdamW weight decay
+    crop_scale=(0.6, 1.0),           # random resized cropping
+    mask_ratio=0.75,                 # §2: 75% of the patches are masked
+    alpha=0.1,                       # discounting factor of Eq. 1
+    layer_decay=1.0,                 # no layer-wise decay in pre-training
+)
+FINETUNE = dict(                     # Table 2
+    epochs=300,
+    warmup_epochs=20,
+    batch_size=768,
+    base_lr=1e-3,
+    weight_decay=0.05,
+    crop_scale=(0.8, 1.0),
+    layer_decay=0.75,                # layer-wise decay (§3.3, after ELECTRA)
+)
+EVAL = dict(batch_size=1000)         # evaluation only: the largest batch that divides the test set is used
+RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": EVAL, "bench": {}}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, nothing written."""
+
+
+# ----------------------------------------------------------------------------------
+# Data: CIFAR python batches read into uint8 tensors by our own code (torchvision's
+# dataset classes verify md5 sums, which rejects the small CIFAR-format sets of tests).
+# ----------------------------------------------------------------------------------
+CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", label_key="labels", classes=10,
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    download=torchvision.datasets.CIFAR10),
+    "cifar100": dict(folder="cifar-100-python", label_key="fine_labels", classes=100,
+                     train=["train"], test=["test"], download=torchvision.datasets.CIFAR100),
+}
+DATASETS = ["cifar10", "cifar100", "cifar10+cifar100"]   # the merged set is §5's future work
+
+
+def load_cifar(dataset, root, split):
+    """Returns images uint8 (N, 3, 32, 32) and labels int64 (N,). 'a+b' concatenates."""
+    parts = [load_cifar_one(name, root, split) for name in dataset.split("+")]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def load_cifar_one(name, root, split):
+    spec = CIFAR[name]
+    folder = os.path.join(root, spec["folder"])
+    files = [os.path.join(folder, f) for f in spec[split]]
+    if not all(os.path.isfile(f) for f in files):
+        try:
+            spec["download"](root, train=True, download=True)
+        except Exception as e:
+            raise UsageError(f"{name} not found: expected {', '.join(spec[split])} in {folder} "
+                             f"and the download failed ({type(e).__name__}); place the CIFAR "
+                             f"python batches there or run once with internet access") from None
+    data, labels = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        data.append(np.asarray(batch["data"], dtype=np.uint8))
+        labels += list(batch[spec["label_key"]])
+    images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)   # rows are R, G, B planes
+    return images, torch.tensor(labels, dtype=torch.int64)
+
+
+def normalize(images):
+    """uint8 or [0, 255] float -> (x / 255 - mean) / std, as float32."""
+    return (images.float() / 255 - MEAN) / STD
+
+
+def random_resized_crop(images, scale, ratio=(3 / 4, 4 / 3), size=IMAGE_SIZE):
+    """torchvision's RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(0.5),
+    for a whole batch at once on the batch's device (Table 1). uint8 (B, 3, H, W) ->
+    float (B, 3, size, size) in [0, 255]. The crop box is drawn exactly as torchvision
+    draws it; the resize is the bilinear interpolation of F.interpolate."""
+    B, _, H, W = images.shape
+    dev = images.device
+    # Ten attempts per image, all at once; torchvision keeps the first box that fits.
+    area = H * W * torch.empty(B, 10, device=dev).uniform_(*scale)
+    aspect = torch.empty(B, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w = (area * aspect).sqrt().round()                         # (B, 10) box widths
+    h = (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.int().argmax(1, keepdim=True)                 # first fitting attempt
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # (B,)
+    none = ~fits.any(1)                  # torchvision's fallback: for a square image and a
+    w = torch.where(none, W, w)          # ratio range holding 1 it is the whole image
+    h = torch.where(none, H, h)
+    top = (torch.rand(B, device=dev) * (H - h + 1)).floor()   # torch.randint(0, H - h + 1)
+    left = (torch.rand(B, device=dev) * (W - w + 1)).floor()
+    flip = torch.rand(B, device=dev) < 0.5
+    # Source pixel of each output pixel centre (half-pixel convention of F.interpolate),
+    # clamped to the box, as cropping before resizing does; flipping reverses columns.
+    k = torch.arange(size, device=dev) + 0.5
+    xs = (left[:, None] + k * (w / size)[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
+    ys = (top[:, None] + k * (h / size)[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
+    xs = torch.where(flip[:, None], xs.flip(1), xs)                        # (B, size)
+    grid = torch.stack([xs[:, None, :].expand(B, size, size),
+                        ys[:, :, None].expand(B, size, size)], -1)         # (B, size, size, 2)
+    grid = (2 * grid + 1) / torch.tensor([W, H], device=dev) - 1           # pixels -> [-1, 1]
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def resize_test(images):
+    """Test images: plain resize 32 -> 36 (bilinear), no augmentation. (B, 3, 36, 36)."""
+    return F.interpolate(images.float(), size=IMAGE_SIZE, mode="bilinear", align_corners=False)
+
+
+class FinetuneImages(torch.utils.data.Dataset):
+    """Table 2 augmentation, per image on the CPU (in DataLoader workers): random resized
+    crop [0.8, 1], horizontal flip, AutoAugment with the CIFAR-10 policy (used for
+    CIFAR-100 too, as §3.3 does). Items are (index, seed): each image's draws depend on
+    the seed alone, so a resumed run sees the same augmentations as an unbroken one."""
+
+    def __init__(self, images, labels, scale):
+        self.images, self.labels = images, labels
+        self.augment = T.Compose([
+            T.RandomResizedCrop(IMAGE_SIZE, scale=scale),
+            T.RandomHorizontalFlip(0.5),
+            T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
+            T.PILToTensor(),
+        ])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        torch.manual_seed(seed)
+        return self.augment(TF.to_pil_image(self.images[index])), self.labels[index]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, seed) in a shuffled order that is a function of (seed, epoch) alone;
+    `start` skips what a resumed run has already seen of its epoch."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.n - self.start
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.seed, self.epoch).tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * self.n
+        return ((order[i], base + i) for i in range(self.start, self.n))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch, drawn from its own generator: (n,) int64 on the CPU."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+# ----------------------------------------------------------------------------------
+# Model (§2, §3.1)
+# ----------------------------------------------------------------------------------
+def patchify(images):
+    """(B, 3, 36, 36) -> (B, 144, 27): 3x3 patches in row-major order, each flattened
+    channel-first (c, dy, dx)."""
+    B, C, H, W = images.shape
+    g = H // PATCH
+    x = images.reshape(B, C, g, PATCH, g, PATCH)            # (B, 3, 12, 3, 12, 3)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * PATCH * PATCH)
+
+
+def unpatchify(patches):
+    """(B, 144, 27) -> (B, 3, 36, 36), the exact inverse of patchify."""
+    B, N, _ = patches.shape
+    g = int(N ** 0.5)
+    x = patches.reshape(B, g, g, 3, PATCH, PATCH)           # (B, 12, 12, 3, 3, 3)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * PATCH, g * PATCH)
+
+
+class Block(nn.Module):
+    """One transformer layer (§3.1): self-attention, then an MLP 192 -> 384 -> 192 with
+    ReLU. Every linear layer here has a bias (§3.1).
+
+    Pre-norm (LayerNorm before each sublayer), a choice: the paper does not say. We take
+    ViT's and MAE's placement because §2.1 says the encoder follows ViT, and because the
+    extra LayerNorm before the final projection (§2.1) is what a pre-norm stack needs.
+    """
+
+    def __init__(self, dim=DIM, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=DROPOUT):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        # §3.1 uses PyTorch's default initialization. For attention, PyTorch's default is
+        # nn.MultiheadAttention's: xavier-uniform input projection, zero biases.
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):                                            # (B, N, 192)
+        B, N, D = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                         # each (B, 3, N, 64)
+        a = F.scaled_dot_product_attention(q, k, v)                  # (B, 3, N, 64)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))        # (B, N, 192)
+        # §3.1: "dropout 0.1 to the output of these [two linear] layers": after the ReLU
+        # of the first and after the second. None on attention: the paper names none.
+        h = self.dropout(F.relu(self.fc1(self.norm2(x))))            # (B, N, 384)
+        return x + self.dropout(self.fc2(h))                         # (B, N, 192)
+
+
+def random_masking(batch, mask_ratio, device):
+    """§2: mask `mask_ratio` of the 144 image patches of each image, uniformly, without
+    replacement. The dummy patch is never masked and never counted among the 144.
+    Returns
+      keep    (B, 36 + 1) token indices the encoder sees, the dummy (index 144) last;
+      restore (B, 144)    argsort of the shuffle: puts [visible, masked] back in image order;
+      mask    (B, 144)    1.0 where a patch is masked."""
+    num_keep = int(NUM_PATCHES * (1 - mask_ratio))                   # 36 for 0.75
+    shuffle = torch.rand(batch, NUM_PATCHES, device=device).argsort(1)   # a random permutation
+    restore = shuffle.argsort(1)
+    mask = (restore >= num_keep).float()              # the first num_keep of the shuffle stay
+    dummy = torch.full((batch, 1), NUM_PATCHES, device=device, dtype=shuffle.dtype)
+    return torch.cat([shuffle[:, :num_keep], dummy], 1), restore, mask
+
+
+class Encoder(nn.Module):
+    """§2.1: bias-free patch embedding + 145 learnable positions, 12 blocks, LayerNorm,
+    bias-free linear projection. Sees only the kept patches and the dummy in
+    pre-training, all 145 tokens in fine-tuning."""
+
+    def __init__(self, depth=ENCODER_DEPTH):
+        super().__init__()
+        self.patch_embed = nn.Linear(PATCH_DIM, DIM, bias=False)
+        # Learnable positions (§2.1) with PyTorch's default for a learnable table
+        # (nn.Embedding's N(0, 1)): §3.1 uses PyTorch's defaults throughout.
+        self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))
+        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+        self.norm = nn.LayerNorm(DIM)
+        self.proj = nn.Linear(DIM, DIM, bias=False)
+
+    def forward(self, patches, keep=None):                           # (B, 144, 27)
+        dummy = patches.new_zeros(patches.shape[0], 1, PATCH_DIM)   # §3: all-zero 145th patch
+        x = self.patch_embed(torch.cat([patches, dummy], 1)) + self.pos_embed   # (B, 145, 192)
+        if keep is not None:                                         # pre-training: drop masked
+            x = x.gather(1, keep[:, :, None].expand(-1, -1, DIM))   # (B, 37, 192)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x))                               # (B, 37 or 145, 192)
+
+
+class Decoder(nn.Module):
+    """§2.2: encoded visible tokens + one shared learnable mask token at each masked
+    position, in image order, + the decoder's own 145 positions; 4 blocks; LayerNorm;
+    bias-free projection to the 27 pixel values of a patch (§2.3)."""
+
+    def __init__(self, depth=DECODER_DEPTH):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.randn(DIM))
+        self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))
+        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+        self.norm = nn.LayerNorm(DIM)
+        self.proj = nn.Linear(DIM, PATCH_DIM, bias=False)
+
+    def forward(self, encoded, restore):                             # (B, 37, 192), (B, 144)
+        visible, dummy = encoded[:, :-1], encoded[:, -1:]
+        B, num_keep, D = visible.shape
+        masked = self.mask_token.expand(B, NUM_PATCHES - num_keep, D)
+        x = torch.cat([visible, masked], 1)                          # (B, 144, 192) shuffled
+        x = x.gather(1, restore[:, :, None].expand(-1, -1, D))       # (B, 144, 192) image order
+        x = torch.cat([x, dummy], 1) + self.pos_embed                # (B, 145, 192)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x))[:, :NUM_PATCHES]              # (B, 144, 27)
+
+
+# ----------------------------------------------------------------------------------
+# Loss (Eq. 1) and the two models
+# ----------------------------------------------------------------------------------
+def mae_loss(pred, target, mask, alpha):
+    """Eq. 1: Loss = MSE_masked_patches + alpha * MSE_unmasked_patches, on normalized
+    pixels. pred, target (B, 144, 27); mask (B, 144), 1 = masked."""
+    per_patch = ((pred.float() - target) ** 2).mean(-1)             # (B, 144)
+    mse_masked = (per_patch * mask).sum() / mask.sum()
+    mse_unmasked = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
+    return mse_masked + alpha * mse_unmasked
+
+
+class MAE(nn.Module):
+    """Pre-training model (Figure 1): normalized images (B, 3, 36, 36) -> Eq. 1 loss,
+    predicted patches (B, 144, 27), mask (B, 144)."""
+
+    def __init__(self, mask_ratio=0.75, alpha=0.1):
+        super().__init__()
+        self.mask_ratio, self.alpha = mask_ratio, alpha
+        self.encoder, self.decoder = Encoder(), Decoder()
+
+    def forward(self, images):
+        target = patchify(images)                                    # (B, 144, 27)
+        keep, restore, mask = random_masking(images.shape[0], self.mask_ratio, images.device)
+        pred = self.decoder(self.encoder(target, keep), restore)
+        return mae_loss(pred, target, mask, self.alpha), pred, mask
+
+
+class Classifier(nn.Module):
+    """Fine-tuning model (§3.3): the encoder + a linear layer on the dummy's embedding."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Linear(DIM, num_classes)
+
+    def forward(self, images):                                       # (B, 3, 36, 36)
+        return self.head(self.encoder(patchify(images))[:, -1])    # (B, classes)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------
+# Schedules: Eq. 2, warm-up + cosine, layer-wise decay
+# ----------------------------------------------------------------------------------
+def peak_lr(base_lr, batch_size):
+    return base_lr * batch_size / 256                                # Eq. 2 (linear scaling rule)
+
+
+def learning_rate(step, peak, warmup_steps, total_steps, min_lr=0.0):
+    """A pure function of the iteration. Phase 1: linear warm-up from 0 to `peak`.
+    Phase 2: cosine decay from `peak` to `min_lr` at `total_steps` (§3.2, §3.3)."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def layer_id(name, depth=ENCODER_DEPTH):
+    """Layer of a parameter for layer-wise decay: patch embedding and positions 0,
+    encoder block i is i + 1, everything after the blocks depth + 1 (= 13)."""
+    if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay):
+    """AdamW groups with lr_scale = layer_decay ** (13 - layer). Weight decay only on the
+    weight matrices of linear layers; biases, LayerNorm, positions and the mask token are
+    exempt (the paper is silent; this is MAE's and timm's convention)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    groups = {}
+    for name, p in model.named_parameters():
+        layer, decay = layer_id(name), id(p) in decayed
+        group = groups.setdefault((layer, decay), dict(
+            params=[], weight_decay=weight_decay if decay else 0.0,
+            lr_scale=layer_decay ** (ENCODER_DEPTH + 1 - layer)))
+        group["params"].append(p)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints: plain tensors and Python values only, so that they load with
+# weights_only=True; written atomically so a kill leaves the last one readable.
+# ----------------------------------------------------------------------------------
+RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr",
+            "warmup_epochs", "mask_ratio", "alpha", "layer_decay", "seed", "init")
+
+
+def save_checkpoint(path, **state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a checkpoint this program can read ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"stage", "model", "args"} <= ckpt.keys():
+        raise UsageError(f"{path} is not a mae_vit checkpoint")
+    return ckpt
+
+
+def load_weights(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UsageError(f"{path} does not match this architecture "
+                         f"({str(e).splitlines()[0].strip()})") from None
+
+
+# ----------------------------------------------------------------------------------
+# Training loop, shared by both stages: they differ in data, loss and lr groups only.
+# ----------------------------------------------------------------------------------
+class StopRequest:
+    """Ctrl-C sets a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, signum, frame):
+        self.requested = True
+
+
+def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, log):
+    """model: the raw module (saved); step_loss(batch) -> loss runs the (compiled) model.
+    batches(epoch, start) yields the device batches of one epoch from batch `start`."""
+    device = torch.device(args.device)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay),
+                            lr=0.0, fused=device.type == "cuda")
+    peak = peak_lr(args.base_lr, args.batch_size)
+    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    epoch, start = 0, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        epoch, start = resume["epoch"], resume["batch"]
+        torch.set_rng_state(resume["rng_cpu"])
+        if device.type == "cuda" and resume["rng_cuda"]:
+            torch.cuda.set_rng_state_all(resume["rng_cuda"])
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+
+    def save(epoch, batch):
+        save_checkpoint(ckpt_path, stage=args.stage, model=model.state_dict(),
+                        optimizer=opt.state_dict(), epoch=epoch, batch=batch,
+                        step=epoch * steps_per_epoch + batch, args=vars(args),
+                        rng_cpu=torch.get_rng_state(),
+                        rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+
+    def check_finite(loss_sum, bad_step, epoch):
+        if not torch.isfinite(loss_sum):
+            raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step "
+                             f"{int(bad_step)}; the last good checkpoint is kept in {ckpt_path}")
+
+    stop, t_start, done_epochs, loss, accuracy = StopRequest(), time.time(), 0, float("nan"), None
+    model.train()
+    for epoch in range(epoch, args.epochs):
+        t0, lr = time.time(), 0.0
+        loss_sum = torch.zeros((), device=device)        # summed on the device: no sync per step
+        bad_step = torch.full((), -1, device=device)     # first step whose loss was not finite
+        for b, batch in enumerate(batches(epoch, start), start):
+            step = epoch * steps_per_epoch + b
+            lr = learning_rate(step, peak, warmup, total, args.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss_t = step_loss(batch)
+            loss_t.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_t = loss_t.detach()
+            loss_sum += loss_t
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_t), step, bad_step)
+            if stop.requested:
+                check_finite(loss_sum, bad_step, epoch)
+                save(epoch, b + 1)
+                print(f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint saved. "
+                      f"Resume with: python mae_vit.py --stage {args.stage} --out {args.out} --resume",
+                      flush=True)
+                raise SystemExit(130)
+        n = steps_per_epoch - start
+        start = 0
+        check_finite(loss_sum, bad_step, epoch)
+        loss = loss_sum.item() / n                                   # one host sync per epoch
+        seconds = time.time() - t0
+        accuracy = evaluate() if evaluate else None
+        model.train()
+        done_epochs += 1
+        eta = (time.time() - t_start) / done_epochs * (args.epochs - epoch - 1)
+        log(dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
+                 images_per_s=n * args.batch_size / seconds, seconds=seconds), eta)
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save(epoch + 1, 0)
+    return loss, accuracy
+
+
+def run_log(args):
+    """Console line and metrics.jsonl line per epoch."""
+    metrics = os.path.join(args.out, "metrics.jsonl")
+
+    def log(row, eta):
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        acc = "" if row["accuracy"] is None else f" | test acc {100 * row['accuracy']:.2f}%"
+        print(f"epoch {row['epoch']}/{args.epochs} | loss {row['loss']:.4f} | lr {row['lr']:.2e}"
+              f"{acc} | {row['images_per_s']:,.0f} img/s | {row['seconds']:.1f} s | "
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+    return log
+
+
+def eval_batch_size(n, limit):
+    """The largest batch size <= limit that divides n: every batch has the same shape, so
+    a compiled model compiles once and no image is dropped or padded."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@torch.no_grad()
+def accuracy_on(model, images, labels, args):
+    """Top-1 accuracy on uint8 test images (N, 3, 32, 32) already on the device."""
+    model.eval()
+    bs, correct = eval_batch_size(len(images), args.batch_size), 0
+    for i in range(0, len(images), bs):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(normalize(resize_test(images[i:i + bs])))
+        correct += (logits.argmax(1) == labels[i:i + bs]).sum()
+    return int(correct) / len(images)
+
+
+@torch.no_grad()
+def reconstruction_on(model, images, args):
+    """Eq. 1 on the test images with a fixed masking seed; the first batch's predictions."""
+    model.eval()
+    torch.manual_seed(args.seed)
+    bs, total, first = eval_batch_size(len(images), args.batch_size), 0.0, None
+    for i in range(0, len(images), bs):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, pred, mask = model(normalize(resize_test(images[i:i + bs])))
+        total += loss.float() * len(pred)
+        first = first or (pred.float(), mask)
+    return float(total) / len(images), first
+
+
+# ----------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------
+def setup_device(args):
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        # cuDNN attention has had wrong results at sequence lengths that are not a
+        # multiple of 128 (ours are 37 and 145): leave SDPA to flash / mem-efficient.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return device
+
+
+def maybe_compile(model, args):
+    return torch.compile(model, dynamic=False) if args.compile else model
+
+
+def pretrain(args, resume):
+    """§3.2 / Table 1. The training set lives on the device as uint8; order, crops, flips
+    and masks are drawn there for the whole batch: no DataLoader."""
+    device = setup_device(args)
+    images, _ = load_cifar(args.dataset, args.data_dir, "train")
+    steps = len(images) // args.batch_size                 # the last partial batch is dropped
+    if steps == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    prepare_out(args, resume)
+    images = images.to(device)
+    model = MAE(args.mask_ratio, args.alpha).to(device)
+    print(f"parameters: {count_parameters(model):,} (encoder {count_parameters(model.encoder):,})", flush=True)
+    compiled = maybe_compile(model, args)
+
+    def batches(epoch, start):
+        order = epoch_order(len(images), args.seed, epoch).to(device)
+        for b in range(start, steps):
+            yield images[order[b * args.batch_size:(b + 1) * args.batch_size]]   # (B, 3, 32, 32) uint8
+
+    def step_loss(batch):
+        return compiled(normalize(random_resized_crop(batch, PRETRAIN["crop_scale"])))[0]
+
+    loss, _ = train(args, model, step_loss, batches, steps, None, resume, run_log(args))
+    return dict(final_loss=loss)
+
+
+def finetune(args, resume):
+    """§3.3 / Table 2: encoder (+ pre-trained weights from --init) and a linear head."""
+    device = setup_device(args)
+    images, labels = load_cifar(args.dataset, args.data_dir, "train")
+    test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
+    steps = len(images) // args.batch_size
+    if steps == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    model = Classifier(CIFAR[args.dataset]["classes"])
+    if args.init and not resume:
+        ckpt = load_checkpoint(args.init)
+        if ckpt["stage"] != "pretrain":
+            raise UsageError(f"--init {args.init} is a {ckpt['stage']} checkpoint; fine-tuning "
+                             f"starts from a pretrain checkpoint (continue a run with --resume)")
+        encoder = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        load_weights(model.encoder, encoder, args.init)
+    prepare_out(args, resume)
+    model = model.to(device)
+    print(f"parameters: {count_parameters(model):,}", flush=True)
+    compiled = maybe_compile(model, args)
+    sampler = EpochSampler(len(images), args.seed)
+    loader = torch.utils.data.DataLoader(
+        FinetuneImages(images, labels, FINETUNE["crop_scale"]),
+        batch_sampler=torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True),
+        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers else None)
+    test_images, test_labels = test_images.to(device), test_labels.to(device)
+
+    def batches(epoch, start):
+        sampler.set_epoch(epoch, start * args.batch_size)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def step_loss(batch):
+        x, y = batch
+        return F.cross_entropy(compiled(normalize(x)), y)
+
+    def evaluate():
+        return accuracy_on(compiled, test_images, test_labels, args)
+
+    loss, accuracy = train(args, model, step_loss, batches, steps, evaluate, resume, run_log(args))
+    return dict(final_loss=loss, test_accuracy=accuracy)
+
+
+def evaluate_stage(args):
+    """Top-1 accuracy of a fine-tuned checkpoint, or for a pre-trained one the Eq. 1 loss
+    on the test split and a PNG of original | masked | reconstruction (Figure 4)."""
+    device = setup_device(args)
+    ckpt = load_checkpoint(args.init)
+    trained = ckpt["args"]
+    args.dataset = args.dataset or trained["dataset"]
+    if ckpt["stage"] == "finetune":
+        classes = ckpt["model"]["head.weight"].shape[0]
+        if args.dataset not in CIFAR or CIFAR[args.dataset]["classes"] != classes:
+            raise UsageError(f"{args.init} classifies {classes} classes; {args.dataset} does not have {classes}")
+        model = Classifier(classes)
+    else:
+        model = MAE(args.mask_ratio or trained["mask_ratio"], args.alpha if args.alpha is not None else trained["alpha"])
+    load_weights(model, ckpt["model"], args.init)
+    images, labels = load_cifar(args.dataset, args.data_dir, "test")
+    prepare_out(args, None)
+    model = model.to(device)
+    compiled = maybe_compile(model, args)
+    images, labels = images.to(device), labels.to(device)
+    result = dict(checkpoint_stage=ckpt["stage"])
+    if ckpt["stage"] == "finetune":
+        result["test_accuracy"] = accuracy_on(compiled, images, labels, args)
+        print(f"test accuracy: {100 * result['test_accuracy']:.2f}%")
+    else:
+        result["test_loss"], (pred, mask) = reconstruction_on(compiled, images, args)
+        print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}")
+        n = min(8, len(pred))
+        original = normalize(resize_test(images[:n]))
+        masked = unpatchify(patchify(original) * (1 - mask[:n, :, None]))        # masked -> 0 (grey)
+        triplets = torch.stack([original, masked, unpatchify(pred[:n])], 1)       # (n, 3, 3, 36, 36)
+        png = os.path.join(args.out, "reconstructions.png")
+        torchvision.utils.save_image(triplets.flatten(0, 1) * STD + MEAN, png, nrow=6, padding=2)
+        result["reconstructions"] = png
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def bench(args):
+    """Images per second of the compiled training steps on synthetic data (no dataset),
+    after warm-up, including the on-device augmentation of pre-training and, for
+    fine-tuning, the CPU AutoAugment pipeline measured on its own."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel    # MATH: attention as counted matmuls
+    from torch.utils.flop_counter import FlopCounterMode
+    device = setup_device(args)
+    cuda = device.type == "cuda"
+    timed_steps = 20 if cuda else 3
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def time_steps(step_loss, params, batch_fn):
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+        for i in range(2 + timed_steps):                  # 2 warm-up steps (compilation)
+            if i == 2:
+                sync()
+                t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = step_loss(batch_fn())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return timed_steps / (time.perf_counter() - t0)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pre_bs = args.batch_size or (PRETRAIN["batch_size"] if cuda else 128)
+    fine_bs = args.batch_size or (FINETUNE["batch_size"] if cuda else 128)
+    mae = MAE().to(device)
+    mae_c = maybe_compile(mae, args)
+    pool = torch.randint(0, 256, (4 * pre_bs, 3, 32, 32), dtype=torch.uint8, device=device)
+    pre_steps = time_steps(
+        lambda idx: mae_c(normalize(random_resized_crop(pool[idx], PRETRAIN["crop_scale"])))[0],
+        mae.parameters(), lambda: torch.randint(0, len(pool), (pre_bs,), device=device))
+    clf = Classifier(10).to(device)
+    clf_c = maybe_compile(clf, args)
+    x = torch.randint(0, 256, (fine_bs, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (fine_bs,), device=device)
+    fine_steps = time_steps(lambda xy: F.cross_entropy(clf_c(normalize(xy[0])), xy[1]),
+                            clf.parameters(), lambda: (x, y))
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # CPU side of fine-tuning: AutoAugment in DataLoader workers on synthetic images.
+    n_img = 64 * fine_bs if cuda else 4 * fine_bs
+    fake = torch.randint(0, 256, (n_img, 3, 32, 32), dtype=torch.uint8)
+    sampler = EpochSampler(n_img, 0)
+    loader = torch.utils.data.DataLoader(
+        FinetuneImages(fake, torch.zeros(n_img, dtype=torch.int64), FINETUNE["crop_scale"]),
+        batch_sampler=torch.utils.data.BatchSampler(sampler, fine_bs, drop_last=True),
+        num_workers=args.num_workers, pin_memory=cuda)
+    it = iter(loader)
+    next(it)                                              # workers started
+    t0 = time.perf_counter()
+    loaded = sum(len(xb) for xb, _ in it)
+    loader_ips = loaded / (time.perf_counter() - t0)
+    # Multiply-accumulates per image of the classifier, counted on the model itself.
+    # The paper's 0.26 G is what a counter that skips nn.MultiheadAttention (thop) gives:
+    # it misses the q/k/v/out projections and the attention products, about 0.35 G.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        clf(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
+    macs = counter.get_total_flops() / 2
+    pre_ips, fine_step_ips = pre_steps * pre_bs, fine_steps * fine_bs
+    fine_ips = min(fine_step_ips, loader_ips)            # the two run side by side
+    hours = (4000 * 50_000 / pre_ips + 300 * 50_000 / fine_ips) / 3600
+    rows = [("pretrain step (incl. augmentation)", pre_bs, pre_ips),
+            ("finetune step (GPU/CPU model only)", fine_bs, fine_step_ips),
+            (f"finetune AutoAugment loader ({args.num_workers} workers)", fine_bs, loader_ips)]
+    print(f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), torch {torch.__version__}, "
+          f"compile={args.compile}, amp(bf16)={args.amp}")
+    for name, bs, ips in rows:
+        print(f"  {name:<44} batch {bs:>5}  {ips:>12,.0f} img/s")
+    print(f"  MACs per image (true, flop_counter): {macs / 1e9:.3f} G; compiled graphs: {graphs}")
+    print(f"  projected paper recipe (4000 + 300 epochs of 50,000 images): {hours:.2f} h")
+    return dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                compile=args.compile, amp=args.amp, parameters=count_parameters(clf),
+                macs_per_image=macs, pretrain_batch=pre_bs, finetune_batch=fine_bs,
+                pretrain_img_per_s=pre_ips, finetune_step_img_per_s=fine_step_ips,
+                finetune_loader_img_per_s=loader_ips, finetune_img_per_s=fine_ips,
+                compiled_graphs=graphs, projected_recipe_hours=hours)
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message}\n")     # one line, exit 2
+    p.add_argument("--stage", required=True, choices=["pretrain", "finetune", "eval", "bench"])
+    p.add_argument("--dataset", choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training")
+    p.add_argument("--data-dir", default="./data", help="holds cifar-10-batches-py/, cifar-100-python/")
+    p.add_argument("--out", help="output folder (default runs/<stage>-<dataset>)")
+    p.add_argument("--epochs", type=int, help="Table 1: 4000, Table 2: 300")
+    p.add_argument("--warmup-epochs", type=int, help="Table 1: 400, Table 2: 20")
+    p.add_argument("--batch-size", type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000")
+    p.add_argument("--base-lr", type=float, help="Eq. 2 base; Table 1: 1.5e-4, Table 2: 1e-3")
+    p.add_argument("--weight-decay", type=float, help="AdamW; Tables 1-2: 0.05")
+    p.add_argument("--min-lr", type=float, help="cosine floor, absolute; §5 suggests ~20%% of the peak (default 0)")
+    p.add_argument("--mask-ratio", type=float, help="§2: 0.75")
+    p.add_argument("--alpha", type=float, help="Eq. 1 discount on visible patches; Table 1: 0.1")
+    p.add_argument("--layer-decay", type=float, help="fine-tuning layer-wise lr decay; Table 2: 0.75")
+    p.add_argument("--init", help="finetune: pretrain checkpoint (absent: from scratch); eval: checkpoint to evaluate")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pth")
+    p.add_argument("--save-every", type=int, default=20, help="epochs between checkpoints (and at the end)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for cuda)")
+    p.add_argument("--seed", type=int, help="one seed for every run, as §3 (default 0)")
+    p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="fine-tuning DataLoader workers (AutoAugment)")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """Fill what was not given: from the run being resumed, then from Table 1 / Table 2.
+    Validates everything before anything is written."""
+    if args.stage in ("pretrain", "finetune", "eval") and args.dataset is None and args.stage != "eval":
+        raise UsageError(f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})")
+    if args.stage == "finetune" and args.dataset not in CIFAR:
+        raise UsageError("fine-tuning needs a labelled dataset: --dataset cifar10 or cifar100")
+    if args.stage == "eval" and not args.init:
+        raise UsageError("--stage eval needs --init CHECKPOINT")
+    if args.out is None and args.stage != "bench":
+        dataset = args.dataset or "checkpoint"
+        args.out = os.path.join("runs", f"{args.stage}-{dataset}")
+    resume = None
+    if args.resume:
+        if args.stage not in ("pretrain", "finetune"):
+            raise UsageError("--resume continues a pretrain or finetune run")
+        resume = load_checkpoint(os.path.join(args.out, "checkpoint.pth"))
+        saved = resume["args"]
+        for key in RUN_ARGS:
+            given = getattr(args, key)
+            if given is not None and given != saved[key]:
+                raise UsageError(f"--{key.replace('_', '-')} {given} conflicts with the run in {args.out} "
+                                 f"(started with {saved[key]}); only --epochs may change on --resume")
+            setattr(args, key, saved[key])
+        args.epochs = args.epochs or saved["epochs"]
+        if args.epochs < resume["epoch"]:
+            raise UsageError(f"--epochs {args.epochs} is fewer than the {resume['epoch']} already done")
+    for key, value in RECIPES[args.stage].items():
+        if key in vars(args) and getattr(args, key) is None:
+            setattr(args, key, value)
+    args.min_lr = args.min_lr or 0.0
+    args.seed = args.seed or 0
+    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
+    args.amp = args.device.startswith("cuda") if args.amp is None else args.amp
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    for key in ("epochs", "batch_size", "base_lr", "save_every"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    for key in ("warmup_epochs", "weight_decay", "min_lr", "alpha", "num_workers"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            raise UsageError(f"--{key.replace('_', '-')} must not be negative, got {getattr(args, key)}")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UsageError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.mask_ratio is not None:
+        num_keep = int(NUM_PATCHES * (1 - args.mask_ratio))
+        if not 0 < args.mask_ratio < 1 or not 0 < num_keep < NUM_PATCHES:
+            raise UsageError(f"--mask-ratio {args.mask_ratio} must be in (0, 1) and leave at least one "
+                             f"visible and one masked patch of {NUM_PATCHES}")
+    if args.base_lr and args.batch_size and args.min_lr > peak_lr(args.base_lr, args.batch_size):
+        raise UsageError(f"--min-lr {args.min_lr} is above the peak lr {peak_lr(args.base_lr, args.batch_size)}")
+    return resume
+
+
+def prepare_out(args, resume):
+    """Refuse an output folder that holds another run; called after all input checks."""
+    taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
+    if taken and not resume:
+        raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); "
+                         f"use --resume to continue it or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        resume = resolve(args)
+        torch.manual_seed(args.seed)
+        if args.stage == "pretrain":
+            result = pretrain(args, resume)
+        elif args.stage == "finetune":
+            result = finetune(args, resume)
+        elif args.stage == "eval":
+            result = evaluate_stage(args)
+        else:
+            result = bench(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result)
+    if args.out:
+        summary.update(out=args.out, checkpoint=os.path.join(args.out, "checkpoint.pth")
+                       if args.stage in ("pretrain", "finetune") else None,
+                       metrics=os.path.join(args.out, "metrics.jsonl"))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
