@@ -125,38 +125,50 @@ def normalize(images):
     return (images.float() / 255 - MEAN) / STD
 
 
-def random_resized_crop(images, scale, ratio=(3 / 4, 4 / 3), size=IMAGE_SIZE):
-    """torchvision's RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(0.5),
-    for a whole batch at once on the batch's device (Table 1). uint8 (B, 3, H, W) ->
-    float (B, 3, size, size) in [0, 255]. The crop box is drawn exactly as torchvision
-    draws it; the resize is the bilinear interpolation of F.interpolate."""
-    B, _, H, W = images.shape
-    dev = images.device
+def crop_boxes(batch, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
+    """torchvision's RandomResizedCrop.get_params + RandomHorizontalFlip(0.5), drawn for a
+    whole batch at once. Returns top, left, h, w (float tensors of whole numbers) and flip,
+    each (B,)."""
     # Ten attempts per image, all at once; torchvision keeps the first box that fits.
-    area = H * W * torch.empty(B, 10, device=dev).uniform_(*scale)
-    aspect = torch.empty(B, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w = (area * aspect).sqrt().round()                         # (B, 10) box widths
-    h = (area / aspect).sqrt().round()
+    area = H * W * torch.empty(batch, 10, device=device).uniform_(*scale)
+    log_ratio = torch.empty(batch, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w = (area * log_ratio.exp()).sqrt().round()                # (B, 10)
+    h = (area / log_ratio.exp()).sqrt().round()
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first = fits.int().argmax(1, keepdim=True)                 # first fitting attempt
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]  # (B,)
     none = ~fits.any(1)                  # torchvision's fallback: for a square image and a
     w = torch.where(none, W, w)          # ratio range holding 1 it is the whole image
     h = torch.where(none, H, h)
-    top = (torch.rand(B, device=dev) * (H - h + 1)).floor()   # torch.randint(0, H - h + 1)
-    left = (torch.rand(B, device=dev) * (W - w + 1)).floor()
-    flip = torch.rand(B, device=dev) < 0.5
-    # Source pixel of each output pixel centre (half-pixel convention of F.interpolate),
-    # clamped to the box, as cropping before resizing does; flipping reverses columns.
-    k = torch.arange(size, device=dev) + 0.5
+    top = (torch.rand(batch, device=device) * (H - h + 1)).floor()    # randint(0, H - h + 1)
+    left = (torch.rand(batch, device=device) * (W - w + 1)).floor()
+    flip = torch.rand(batch, device=device) < 0.5
+    return top, left, h, w, flip
+
+
+def crop_resize(images, top, left, h, w, flip, size=IMAGE_SIZE):
+    """Crop each image to its box, resize it to size x size (bilinear, as F.interpolate)
+    and flip it where asked, in one grid_sample. uint8 (B, 3, H, W) -> float (B, 3, size,
+    size) in [0, 255]."""
+    B, _, H, W = images.shape
+    k = torch.arange(size, device=images.device) + 0.5           # output pixel centres
+    # Source pixel of each output pixel (half-pixel convention of F.interpolate), clamped
+    # to the box as cropping before resizing does; flipping reverses the columns.
     xs = (left[:, None] + k * (w / size)[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
     ys = (top[:, None] + k * (h / size)[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
     xs = torch.where(flip[:, None], xs.flip(1), xs)                        # (B, size)
     grid = torch.stack([xs[:, None, :].expand(B, size, size),
                         ys[:, :, None].expand(B, size, size)], -1)         # (B, size, size, 2)
-    grid = (2 * grid + 1) / torch.tensor([W, H], device=dev) - 1           # pixels -> [-1, 1]
+    grid = (2 * grid + 1) / torch.tensor([W, H], device=images.device) - 1   # pixels -> [-1, 1]
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
+
+
+def pretrain_augment(images, scale=PRETRAIN["crop_scale"]):
+    """Table 1 augmentation of a uint8 batch on its own device: random resized crop
+    [0.6, 1] to 36x36, horizontal flip p = 0.5, normalization. (B, 3, 36, 36) float."""
+    boxes = crop_boxes(len(images), images.shape[2], images.shape[3], scale, device=images.device)
+    return normalize(crop_resize(images, *boxes))
 
 
 def resize_test(images):
@@ -184,8 +196,9 @@ class FinetuneImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        torch.manual_seed(seed)
-        return self.augment(TF.to_pil_image(self.images[index])), self.labels[index]
+        with torch.random.fork_rng(devices=[]):              # leaves the caller's RNG alone
+            torch.default_generator.manual_seed(seed)
+            return self.augment(TF.to_pil_image(self.images[index])), self.labels[index]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -205,6 +218,11 @@ class EpochSampler(torch.utils.data.Sampler):
         order = epoch_order(self.n, self.seed, self.epoch).tolist()
         base = (self.seed * 1_000_003 + self.epoch) * self.n
         return ((order[i], base + i) for i in range(self.start, self.n))
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which saves and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_order(n, seed, epoch):
@@ -457,14 +475,18 @@ def load_weights(module, state, path):
 # Training loop, shared by both stages: they differ in data, loss and lr groups only.
 # ----------------------------------------------------------------------------------
 class StopRequest:
-    """Ctrl-C sets a flag; the loop finishes its step, saves and exits."""
+    """While active, Ctrl-C only sets a flag; the loop finishes its step, saves, exits."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        signal.signal(signal.SIGINT, self.handler)
+        self.previous = signal.signal(signal.SIGINT, self.handler)
+        return self
 
     def handler(self, signum, frame):
         self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, log):
@@ -494,48 +516,54 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
 
     def check_finite(loss_sum, bad_step, epoch):
         if not torch.isfinite(loss_sum):
-            raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step "
-                             f"{int(bad_step)}; the last good checkpoint is kept in {ckpt_path}")
+            raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step {int(bad_step) + 1}; "
+                             f"stopped without saving, the last good checkpoint is {ckpt_path}")
 
-    stop, t_start, done_epochs, loss, accuracy = StopRequest(), time.time(), 0, float("nan"), None
+    def stopped(epoch, batch):
+        print(f"interrupted after step {epoch * steps_per_epoch + batch} ({epoch} epochs done); "
+              f"checkpoint saved. Resume with: "
+              f"python mae_vit.py --stage {args.stage} --out {args.out} --resume", flush=True)
+        raise SystemExit(130)
+
+    t_start, done_epochs, loss, accuracy = time.time(), 0, None, None
     model.train()
-    for epoch in range(epoch, args.epochs):
-        t0, lr = time.time(), 0.0
-        loss_sum = torch.zeros((), device=device)        # summed on the device: no sync per step
-        bad_step = torch.full((), -1, device=device)     # first step whose loss was not finite
-        for b, batch in enumerate(batches(epoch, start), start):
-            step = epoch * steps_per_epoch + b
-            lr = learning_rate(step, peak, warmup, total, args.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                loss_t = step_loss(batch)
-            loss_t.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_t = loss_t.detach()
-            loss_sum += loss_t
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_t), step, bad_step)
+    with StopRequest() as stop:
+        for epoch in range(epoch, args.epochs):
+            t0, lr = time.time(), 0.0
+            loss_sum = torch.zeros((), device=device)        # summed on the device: no sync per step
+            bad_step = torch.full((), -1, device=device)     # first step whose loss was not finite
+            for b, batch in enumerate(batches(epoch, start), start):
+                step = epoch * steps_per_epoch + b
+                lr = learning_rate(step, peak, warmup, total, args.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    loss_t = step_loss(batch)
+                loss_t.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss_t = loss_t.detach()
+                loss_sum += loss_t
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_t), step, bad_step)
+                if stop.requested and b + 1 < steps_per_epoch:     # mid-epoch: save here
+                    check_finite(loss_sum, bad_step, epoch)
+                    save(epoch, b + 1)
+                    stopped(epoch, b + 1)
+            n = steps_per_epoch - start
+            start = 0
+            check_finite(loss_sum, bad_step, epoch)
+            loss = loss_sum.item() / n                                   # one host sync per epoch
+            seconds = time.time() - t0
+            accuracy = evaluate() if evaluate else None
+            model.train()
+            done_epochs += 1
+            eta = (time.time() - t_start) / done_epochs * (args.epochs - epoch - 1)
+            log(dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
+                     images_per_s=n * args.batch_size / seconds, seconds=seconds), eta)
+            if stop.requested or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(epoch + 1, 0)
             if stop.requested:
-                check_finite(loss_sum, bad_step, epoch)
-                save(epoch, b + 1)
-                print(f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint saved. "
-                      f"Resume with: python mae_vit.py --stage {args.stage} --out {args.out} --resume",
-                      flush=True)
-                raise SystemExit(130)
-        n = steps_per_epoch - start
-        start = 0
-        check_finite(loss_sum, bad_step, epoch)
-        loss = loss_sum.item() / n                                   # one host sync per epoch
-        seconds = time.time() - t0
-        accuracy = evaluate() if evaluate else None
-        model.train()
-        done_epochs += 1
-        eta = (time.time() - t_start) / done_epochs * (args.epochs - epoch - 1)
-        log(dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
-                 images_per_s=n * args.batch_size / seconds, seconds=seconds), eta)
-        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save(epoch + 1, 0)
+                stopped(epoch + 1, 0)
     return loss, accuracy
 
 
@@ -622,7 +650,7 @@ def pretrain(args, resume):
             yield images[order[b * args.batch_size:(b + 1) * args.batch_size]]   # (B, 3, 32, 32) uint8
 
     def step_loss(batch):
-        return compiled(normalize(random_resized_crop(batch, PRETRAIN["crop_scale"])))[0]
+        return compiled(pretrain_augment(batch))[0]
 
     loss, _ = train(args, model, step_loss, batches, steps, None, resume, run_log(args))
     return dict(final_loss=loss)
@@ -652,8 +680,9 @@ def finetune(args, resume):
     loader = torch.utils.data.DataLoader(
         FinetuneImages(images, labels, FINETUNE["crop_scale"]),
         batch_sampler=torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers else None)
+        num_workers=args.num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
+        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers else None,
+        generator=torch.Generator())          # its seed draw must not move the global RNG
     test_images, test_labels = test_images.to(device), test_labels.to(device)
 
     def batches(epoch, start):
@@ -747,7 +776,7 @@ def bench(args):
     mae_c = maybe_compile(mae, args)
     pool = torch.randint(0, 256, (4 * pre_bs, 3, 32, 32), dtype=torch.uint8, device=device)
     pre_steps = time_steps(
-        lambda idx: mae_c(normalize(random_resized_crop(pool[idx], PRETRAIN["crop_scale"])))[0],
+        lambda idx: mae_c(pretrain_augment(pool[idx]))[0],
         mae.parameters(), lambda: torch.randint(0, len(pool), (pre_bs,), device=device))
     clf = Classifier(10).to(device)
     clf_c = maybe_compile(clf, args)

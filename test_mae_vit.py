@@ -1,0 +1,410 @@
+"""Tests for mae_vit.py: each part of the paper on its own, then the real command line
+on small CIFAR-format datasets written to a temporary folder. CPU only, no network."""
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+
+import mae_vit as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------- helpers
+def write_cifar(root, name="cifar10", per_batch=20, test=40, seed=0):
+    """A tiny dataset in torchvision's on-disk CIFAR format: pickled dicts with `data`
+    (uint8, N x 3072) and labels. Images are smooth colour gradients so they can be
+    learned; the label is the dominant channel (plus noise classes for CIFAR-100)."""
+    spec = M.CIFAR[name]
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, spec["folder"])
+    os.makedirs(folder, exist_ok=True)
+
+    def batch(n):
+        labels = rng.integers(0, spec["classes"], n)
+        yy, xx = np.mgrid[0:32, 0:32] / 31.0
+        imgs = np.zeros((n, 3, 32, 32))
+        for i, label in enumerate(labels):
+            a, b, c = rng.uniform(0.2, 1.0, 3)
+            imgs[i, label % 3] = a * xx + (1 - a) * yy
+            imgs[i, (label + 1) % 3] = b * yy
+            imgs[i, (label + 2) % 3] = c * 0.3
+        data = (imgs * 255).astype(np.uint8).reshape(n, 3072)
+        return {"data": data, spec["label_key"]: [int(v) for v in labels]}
+
+    for f in spec["train"]:
+        n = per_batch if name == "cifar10" else per_batch * 5
+        with open(os.path.join(folder, f), "wb") as fh:
+            pickle.dump(batch(n), fh)
+    for f in spec["test"]:
+        with open(os.path.join(folder, f), "wb") as fh:
+            pickle.dump(batch(test), fh)
+    return root
+
+
+def run_cli(*args, check=True):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "mae_vit.py"), *args],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def summary(r):
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_cifar(str(tmp_path_factory.mktemp("data")))
+
+
+TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--num-workers", "0"]
+
+
+# ---------------------------------------------------------------- 1. patchifier
+def test_patchify_round_trip_and_layout():
+    x = torch.randn(2, 3, 36, 36)
+    p = M.patchify(x)
+    assert p.shape == (2, 144, 27)
+    assert torch.equal(M.unpatchify(p), x)
+    # patch 13 is row 1, column 1 of the 12 x 12 grid: pixels 3..5 x 3..5, channel first
+    assert torch.equal(p[1, 13], x[1, :, 3:6, 3:6].reshape(27))
+
+
+# ---------------------------------------------------------------- 2. block, parameters, bias rule
+def test_parameter_counts_match_the_paper():
+    assert M.count_parameters(M.Classifier(10)) == 3_636_490      # Table 3: 3.64 M
+    assert M.count_parameters(M.Classifier(100)) == 3_653_860
+    assert M.count_parameters(M.MAE().decoder) == 1_221_696
+    mae = M.MAE()
+    assert M.count_parameters(mae) == 3_636_490 - 1930 + 1_221_696
+
+
+def test_bias_only_inside_transformer_layers():
+    mae = M.MAE()
+    for name, m in mae.named_modules():
+        if isinstance(m, nn.Linear):
+            assert (m.bias is not None) == (".blocks." in name), name
+    block = mae.encoder.blocks[0]
+    assert block.fc1.out_features == 384 and block.fc2.out_features == 192   # 2x expansion
+
+
+def test_block_is_relu_mlp_and_dropout_only_in_training():
+    torch.manual_seed(0)
+    block = M.Block()
+    x = torch.randn(2, 7, 192)
+    block.eval()
+    assert torch.equal(block(x), block(x))
+    # hand-written reference of the pre-norm block
+    q, k, v = block.qkv(block.norm1(x)).view(2, 7, 3, 3, 64).permute(2, 0, 3, 1, 4)
+    att = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
+    y = x + block.proj(att.transpose(1, 2).reshape(2, 7, 192))
+    y = y + block.fc2(torch.relu(block.fc1(block.norm2(y))))
+    assert torch.allclose(block(x), y, atol=1e-5)
+    block.train()
+    assert not torch.equal(block(x), block(x))
+
+
+# ---------------------------------------------------------------- 3. masking and encoder
+def test_random_masking_keeps_36_unique_patches_and_the_dummy():
+    torch.manual_seed(0)
+    keep, restore, mask = M.random_masking(64, 0.75, "cpu")
+    assert keep.shape == (64, 37) and restore.shape == (64, 144)
+    assert (keep[:, -1] == 144).all()                                  # dummy always, last
+    visible = keep[:, :-1]
+    assert all(len(set(row.tolist())) == 36 for row in visible)         # 36 unique
+    assert (visible < 144).all()                                        # dummy not maskable
+    assert (mask.sum(1) == 108).all()
+    assert (mask.gather(1, visible) == 0).all()                         # kept = not masked
+    # restore inverts the shuffle: [visible, masked] gathered by restore is image order
+    shuffled = torch.cat([visible, torch.nonzero(mask)[:, 1].view(64, 108)], 1)
+    order = torch.arange(144).expand(64, -1)
+    shuffle = restore.argsort(1)
+    assert torch.equal(shuffle.gather(1, restore), order)
+    assert torch.equal(set_rows(shuffle[:, :36]), set_rows(visible))
+    assert torch.equal(set_rows(shuffled), set_rows(order))
+    # every patch is masked about 75% of the time (uniform)
+    many = torch.stack([M.random_masking(1, 0.75, "cpu")[2][0] for _ in range(2000)])
+    assert (many.mean(0) - 0.75).abs().max() < 0.1
+
+
+def set_rows(t):
+    return t.sort(1).values
+
+
+def test_encoder_sees_kept_tokens_and_the_dummy_is_its_position():
+    torch.manual_seed(0)
+    enc = M.Encoder().eval()
+    patches = torch.randn(2, 144, 27)
+    keep, restore, mask = M.random_masking(2, 0.75, "cpu")
+    assert enc(patches, keep).shape == (2, 37, 192)
+    assert enc(patches).shape == (2, 145, 192)
+    # the zero dummy through a bias-free embedding is exactly its positional embedding
+    with torch.no_grad():
+        emb = enc.patch_embed(torch.cat([patches, torch.zeros(2, 1, 27)], 1)) + enc.pos_embed
+    assert torch.equal(emb[:, 144], enc.pos_embed[144].expand(2, -1))
+
+
+def test_decoder_restores_image_order():
+    torch.manual_seed(0)
+    dec = M.Decoder()
+    keep, restore, mask = M.random_masking(2, 0.75, "cpu")
+    encoded = torch.randn(2, 37, 192)
+    seen = {}
+    dec.blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    assert dec(encoded, restore).shape == (2, 144, 27)
+    x = seen["x"] - dec.pos_embed                                      # (2, 145, 192)
+    for i in range(2):
+        for j, token in enumerate(keep[i, :-1].tolist()):
+            assert torch.allclose(x[i, token], encoded[i, j], atol=1e-6)
+        masked = mask[i].nonzero()[:, 0]
+        assert torch.allclose(x[i, masked], dec.mask_token.expand(108, -1), atol=1e-6)
+        assert torch.allclose(x[i, 144], encoded[i, 36], atol=1e-6)   # dummy
+
+
+# ---------------------------------------------------------------- 5. Eq. 1
+def test_loss_eq1_on_hand_made_tensors():
+    target = torch.zeros(1, 144, 27)
+    pred = torch.zeros(1, 144, 27)
+    mask = torch.zeros(1, 144)
+    mask[0, :108] = 1
+    pred[0, :108] = 2.0          # masked error 4 per value
+    pred[0, 108:] = 1.0          # visible error 1 per value
+    assert M.mae_loss(pred, target, mask, 0.1).item() == pytest.approx(4 + 0.1 * 1)
+    assert M.mae_loss(pred, target, mask, 0.0).item() == pytest.approx(4.0)
+    pred[0, 0] = 5.0             # one masked patch: (25 + 107 * 4) / 108
+    assert M.mae_loss(pred, target, mask, 0.0).item() == pytest.approx((25 + 107 * 4) / 108)
+
+
+def test_mae_forward_loss_is_eq1_on_normalized_pixels():
+    torch.manual_seed(0)
+    mae = M.MAE().eval()
+    images = torch.rand(2, 3, 36, 36) * 2 - 1
+    torch.manual_seed(1)
+    loss, pred, mask = mae(images)
+    expected = M.mae_loss(pred, M.patchify(images), mask, 0.1)
+    assert torch.allclose(loss, expected)
+    assert pred.shape == (2, 144, 27)
+
+
+# ---------------------------------------------------------------- 6. schedules
+def test_learning_rate_schedule():
+    peak = M.peak_lr(1.5e-4, 1408)
+    assert peak == pytest.approx(8.25e-4)                              # Eq. 2
+    assert M.peak_lr(1e-3, 768) == pytest.approx(3e-3)
+    lr = lambda s, floor=0.0: M.learning_rate(s, peak, 400, 4000, floor)
+    assert lr(0) == 0.0
+    assert lr(200) == pytest.approx(peak / 2)
+    assert lr(400) == pytest.approx(peak)                              # end of warm-up
+    assert lr(2200) == pytest.approx(peak / 2)                         # cosine midpoint
+    assert lr(4000) == pytest.approx(0.0, abs=1e-12)                   # end
+    assert lr(4000, 0.2 * peak) == pytest.approx(0.2 * peak)           # §5 floor
+    assert lr(2200, 0.2 * peak) == pytest.approx(0.6 * peak)
+    values = [lr(s) for s in range(400, 4001, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_layer_decay_scales_and_weight_decay_groups():
+    clf = M.Classifier(10)
+    groups = M.param_groups(clf, 0.05, 0.75)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert scale[id(clf.encoder.patch_embed.weight)] == pytest.approx(0.75 ** 13)
+    assert scale[id(clf.encoder.pos_embed)] == pytest.approx(0.75 ** 13)
+    for i, block in enumerate(clf.encoder.blocks):
+        assert scale[id(block.fc1.weight)] == pytest.approx(0.75 ** (12 - i))
+    for p in [clf.head.weight, clf.head.bias, clf.encoder.proj.weight, clf.encoder.norm.weight]:
+        assert scale[id(p)] == 1.0
+    assert wd[id(clf.head.weight)] == 0.05 and wd[id(clf.encoder.blocks[3].qkv.weight)] == 0.05
+    for p in [clf.head.bias, clf.encoder.pos_embed, clf.encoder.norm.weight, clf.encoder.blocks[0].fc1.bias]:
+        assert wd[id(p)] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(clf.parameters()))
+    assert {g["lr_scale"] for g in M.param_groups(M.MAE(), 0.05, 1.0)} == {1.0}
+
+
+# ---------------------------------------------------------------- 8. augmentation on the device
+def test_crop_boxes_match_torchvision_distribution():
+    torch.manual_seed(0)
+    n = 4000
+    top, left, h, w, flip = M.crop_boxes(n, 32, 32, (0.6, 1.0))
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.6, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)], dtype=torch.float)
+    ours = torch.stack([top, left, h, w], 1)
+    assert (h <= 32).all() and (w <= 32).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    assert torch.equal(h, h.round()) and torch.equal(top, top.round())
+    for col in range(4):                     # means and spreads agree within sampling error
+        a, b = ours[:, col], ref[:, col]
+        se = math.sqrt(a.var() / n + b.var() / n)
+        assert abs(a.mean() - b.mean()) < 4 * se + 1e-6, col
+        assert abs(a.std() - b.std()) < 0.1 * b.std() + 0.05, col
+    area_ours, area_ref = (ours[:, 2] * ours[:, 3]) / 1024, (ref[:, 2] * ref[:, 3]) / 1024
+    for q in (0.1, 0.5, 0.9):
+        assert abs(area_ours.quantile(q) - area_ref.quantile(q)) < 0.03
+    assert abs(flip.float().mean() - 0.5) < 0.04
+
+
+def test_crop_resize_matches_torchvision_resized_crop_and_flip():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    boxes = [(0, 0, 32, 32, False), (3, 5, 20, 27, True), (10, 0, 22, 19, False),
+             (0, 7, 25, 25, True), (31 - 26, 31 - 29, 27, 30, False), (2, 2, 28, 24, True)]
+    top, left, h, w, flip = (torch.tensor([b[i] for b in boxes], dtype=torch.float) for i in range(5))
+    out = M.crop_resize(images, top, left, h, w, flip.bool())
+    for i, (t, l, hh, ww, f) in enumerate(boxes):
+        ref = TF.resized_crop(images[i].float(), t, l, hh, ww, [36, 36], antialias=False)
+        ref = TF.hflip(ref) if f else ref
+        assert torch.allclose(out[i], ref, atol=1e-3), i
+
+
+def test_pretrain_augment_output():
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    x = M.pretrain_augment(images)
+    assert x.shape == (8, 3, 36, 36) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_finetune_images_are_a_function_of_the_seed():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    ds = M.FinetuneImages(images, torch.arange(4), (0.8, 1.0))
+    a, la = ds[(2, 123)]
+    torch.manual_seed(999)
+    before = torch.get_rng_state()
+    b, lb = ds[(2, 123)]
+    assert torch.equal(before, torch.get_rng_state())                  # caller's RNG untouched
+    assert a.shape == (3, 36, 36) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and la == lb == 2
+    assert not all(torch.equal(a, ds[(2, s)][0]) for s in range(124, 130))
+
+
+# ---------------------------------------------------------------- learning
+def test_pretraining_and_classifier_fit_one_small_batch():
+    torch.manual_seed(0)
+    root = write_cifar(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mae_vit_fit"), per_batch=2)
+    images, labels = M.load_cifar("cifar10", root, "train")
+    x = M.normalize(M.resize_test(images[:4]))
+    mae = M.MAE()
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(80):
+        loss = mae(x)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) / 8, (losses[:3], losses[-5:])
+    clf = M.Classifier(10)
+    opt = torch.optim.AdamW(clf.parameters(), lr=3e-4)
+    y = torch.tensor([3, 1, 4, 7])                                    # distinct labels
+    for _ in range(25):
+        loss = F.cross_entropy(clf(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    clf.eval()
+    assert (clf(x).argmax(1) == y).all()
+
+
+# ---------------------------------------------------------------- compile: one graph per stage
+def test_compiled_steps_do_not_recompile():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    mae = M.MAE()
+    compiled = torch.compile(mae, backend="eager", dynamic=False)
+    opt = torch.optim.AdamW(M.param_groups(mae, 0.05, 1.0), lr=0.0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"] = 1e-4 * (step + 1) * g["lr_scale"]
+        compiled(M.pretrain_augment(images))[0].backward()
+        opt.step()
+        opt.zero_grad()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"]
+
+
+# ---------------------------------------------------------------- the command line, end to end
+def test_pretrain_finetune_eval_end_to_end(data, tmp_path):
+    pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
+    r = run_cli("--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", pre, *TINY)
+    assert "parameters: 4,856,256" in r.stdout
+    s = summary(r)
+    assert s["stage"] == "pretrain" and s["epochs"] == 2 and math.isfinite(s["final_loss"])
+    rows = metrics(pre)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
+    assert all(row["images_per_s"] > 0 and row["seconds"] > 0 for row in rows)
+    assert len(r.stdout.strip().splitlines()) == 4 and "ETA" in r.stdout
+    ckpt = torch.load(os.path.join(pre, "checkpoint.pth"), weights_only=True)
+    assert ckpt["stage"] == "pretrain" and ckpt["epoch"] == 2 and "optimizer" in ckpt
+    assert ckpt["args"]["batch_size"] == 16 and ckpt["args"]["base_lr"] == 1.5e-4   # Table 1
+
+    r = run_cli("--stage", "finetune", "--dataset", "cifar10", "--data-dir", data, "--out", ft,
+                "--init", os.path.join(pre, "checkpoint.pth"), *TINY[:-1], "1")
+    assert "parameters: 3,636,490" in r.stdout
+    s = summary(r)
+    assert 0 <= s["test_accuracy"] <= 1 and s["checkpoint"] == os.path.join(ft, "checkpoint.pth")
+    assert metrics(ft)[-1]["accuracy"] == s["test_accuracy"]
+    ckpt = torch.load(s["checkpoint"], weights_only=True)
+    assert ckpt["args"]["layer_decay"] == 0.75 and ckpt["args"]["base_lr"] == 1e-3     # Table 2
+
+    r = run_cli("--stage", "eval", "--init", s["checkpoint"], "--data-dir", data, "--out", str(tmp_path / "ev"))
+    e = summary(r)
+    assert e["test_accuracy"] == pytest.approx(s["test_accuracy"]) and e["dataset"] == "cifar10"
+
+    r = run_cli("--stage", "eval", "--init", os.path.join(pre, "checkpoint.pth"), "--data-dir", data,
+                "--out", str(tmp_path / "ev2"))
+    e = summary(r)
+    assert math.isfinite(e["test_loss"])
+    from PIL import Image                    # arrives with torchvision
+    assert Image.open(e["reconstructions"]).size == (6 * 38 + 2, 4 * 38 + 2)  # 8 triplets, 2 a row
+
+
+def test_cross_dataset_and_merged_pretraining(tmp_path):
+    root = write_cifar(str(tmp_path / "data"))
+    write_cifar(root, "cifar100", per_batch=20, test=40)
+    pre = str(tmp_path / "pre")
+    r = run_cli("--stage", "pretrain", "--dataset", "cifar10+cifar100", "--data-dir", root, "--out", pre,
+                "--epochs", "1", "--batch-size", "64")
+    assert summary(r)["dataset"] == "cifar10+cifar100"
+    r = run_cli("--stage", "finetune", "--dataset", "cifar100", "--data-dir", root, "--out", str(tmp_path / "ft"),
+                "--init", os.path.join(pre, "checkpoint.pth"), "--epochs", "1", "--batch-size", "50",
+                "--num-workers", "0")
+    assert "parameters: 3,653,860" in r.stdout
+
+
+def test_missing_data_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--stage", "pretrain", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
+                "--out", str(out), check=False)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "cifar-100-python" in r.stderr
+    assert not out.exists()
+
+
+def test_bench_reports_true_macs(tmp_path):
+    r = run_cli("--stage", "bench", "--device", "cpu", "--batch-size", "8", "--num-workers", "0")
+    s = summary(r)
+    assert s["macs_per_image"] / 1e9 == pytest.approx(0.616, abs=0.005)     # true MACs, not 0.26
+    assert s["parameters"] == 3_636_490
+    for key in ("pretrain_img_per_s", "finetune_img_per_s", "finetune_loader_img_per_s"):
+        assert s[key] > 0
+    assert s["projected_recipe_hours"] > 0 and s["torch"] == torch.__version__
