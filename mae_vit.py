@@ -701,13 +701,11 @@ def finetune(args, resume):
     return dict(final_loss=loss, test_accuracy=accuracy)
 
 
-def evaluate_stage(args):
+def evaluate_stage(args, ckpt):
     """Top-1 accuracy of a fine-tuned checkpoint, or for a pre-trained one the Eq. 1 loss
     on the test split and a PNG of original | masked | reconstruction (Figure 4)."""
     device = setup_device(args)
-    ckpt = load_checkpoint(args.init)
     trained = ckpt["args"]
-    args.dataset = args.dataset or trained["dataset"]
     if ckpt["stage"] == "finetune":
         classes = ckpt["model"]["head.weight"].shape[0]
         if args.dataset not in CIFAR or CIFAR[args.dataset]["classes"] != classes:
@@ -833,7 +831,7 @@ def parse_args(argv=None):
     p.error = lambda message: p.exit(2, f"error: {message}\n")     # one line, exit 2
     p.add_argument("--stage", required=True, choices=["pretrain", "finetune", "eval", "bench"])
     p.add_argument("--dataset", choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training")
-    p.add_argument("--data-dir", default="./data", help="holds cifar-10-batches-py/, cifar-100-python/")
+    p.add_argument("--data-dir", help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)")
     p.add_argument("--out", help="output folder (default runs/<stage>-<dataset>)")
     p.add_argument("--epochs", type=int, help="Table 1: 4000, Table 2: 300")
     p.add_argument("--warmup-epochs", type=int, help="Table 1: 400, Table 2: 20")
@@ -859,21 +857,17 @@ def parse_args(argv=None):
 def resolve(args):
     """Fill what was not given: from the run being resumed, then from Table 1 / Table 2.
     Validates everything before anything is written."""
-    if args.stage in ("pretrain", "finetune", "eval") and args.dataset is None and args.stage != "eval":
-        raise UsageError(f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})")
-    if args.stage == "finetune" and args.dataset not in CIFAR:
-        raise UsageError("fine-tuning needs a labelled dataset: --dataset cifar10 or cifar100")
-    if args.stage == "eval" and not args.init:
-        raise UsageError("--stage eval needs --init CHECKPOINT")
-    if args.out is None and args.stage != "bench":
-        dataset = args.dataset or "checkpoint"
-        args.out = os.path.join("runs", f"{args.stage}-{dataset}")
-    resume = None
+    state = None                  # the checkpoint this run starts from, read once
+    if args.stage == "eval":
+        if not args.init:
+            raise UsageError("--stage eval needs --init CHECKPOINT")
+        state = load_checkpoint(args.init)
+        args.dataset = args.dataset or state["args"]["dataset"]
     if args.resume:
-        if args.stage not in ("pretrain", "finetune"):
-            raise UsageError("--resume continues a pretrain or finetune run")
-        resume = load_checkpoint(os.path.join(args.out, "checkpoint.pth"))
-        saved = resume["args"]
+        if args.stage not in ("pretrain", "finetune") or args.out is None:
+            raise UsageError("--resume continues the pretrain or finetune run in --out DIR")
+        state = load_checkpoint(os.path.join(args.out, "checkpoint.pth"))
+        saved = state["args"]
         for key in RUN_ARGS:
             given = getattr(args, key)
             if given is not None and given != saved[key]:
@@ -881,11 +875,19 @@ def resolve(args):
                                  f"(started with {saved[key]}); only --epochs may change on --resume")
             setattr(args, key, saved[key])
         args.epochs = args.epochs or saved["epochs"]
-        if args.epochs < resume["epoch"]:
-            raise UsageError(f"--epochs {args.epochs} is fewer than the {resume['epoch']} already done")
+        args.data_dir = args.data_dir or saved["data_dir"]
+        if args.epochs < state["epoch"]:
+            raise UsageError(f"--epochs {args.epochs} is fewer than the {state['epoch']} already done")
+    if args.stage != "bench" and args.dataset is None:
+        raise UsageError(f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})")
+    if args.stage == "finetune" and args.dataset not in CIFAR:
+        raise UsageError("fine-tuning needs a labelled dataset: --dataset cifar10 or cifar100")
+    if args.out is None and args.stage != "bench":
+        args.out = os.path.join("runs", f"{args.stage}-{args.dataset}")
     for key, value in RECIPES[args.stage].items():
         if key in vars(args) and getattr(args, key) is None:
             setattr(args, key, value)
+    args.data_dir = args.data_dir or "./data"
     args.min_lr = args.min_lr or 0.0
     args.seed = args.seed or 0
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
@@ -907,7 +909,7 @@ def resolve(args):
                              f"visible and one masked patch of {NUM_PATCHES}")
     if args.base_lr and args.batch_size and args.min_lr > peak_lr(args.base_lr, args.batch_size):
         raise UsageError(f"--min-lr {args.min_lr} is above the peak lr {peak_lr(args.base_lr, args.batch_size)}")
-    return resume
+    return state
 
 
 def prepare_out(args, resume):
@@ -922,14 +924,14 @@ def prepare_out(args, resume):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        resume = resolve(args)
+        state = resolve(args)
         torch.manual_seed(args.seed)
         if args.stage == "pretrain":
-            result = pretrain(args, resume)
+            result = pretrain(args, state)
         elif args.stage == "finetune":
-            result = finetune(args, resume)
+            result = finetune(args, state)
         elif args.stage == "eval":
-            result = evaluate_stage(args)
+            result = evaluate_stage(args, state)
         else:
             result = bench(args)
     except UsageError as e:

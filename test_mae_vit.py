@@ -408,3 +408,169 @@ def test_bench_reports_true_macs(tmp_path):
     for key in ("pretrain_img_per_s", "finetune_img_per_s", "finetune_loader_img_per_s"):
         assert s[key] > 0
     assert s["projected_recipe_hours"] > 0 and s["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------- long runs: resume, signals, guards
+def interrupted_run(args, out, after_lines=1):
+    """Starts the CLI, sends SIGINT once metrics.jsonl has `after_lines` lines, waits."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mae_vit.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    path, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and len(open(path).readlines()) >= after_lines:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage):
+    data = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)     # 40 images: 5 steps of 8
+    common = ["--stage", stage, "--dataset", "cifar10", "--data-dir", data, "--epochs", "4",
+              "--warmup-epochs", "1", "--batch-size", "8", "--seed", "3"]
+    if stage == "finetune":
+        common += ["--num-workers", "1"]
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    expected = summary(run_cli(*common, "--out", straight))
+    rc, stdout, stderr = interrupted_run([*common, "--out", broken], broken)
+    assert rc == 130, stdout + stderr
+    assert f"--out {broken} --resume" in stdout
+    ckpt = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
+    assert 0 < ckpt["step"] < 4 * 5                                   # really cut short
+    resumed = summary(run_cli("--stage", stage, "--out", broken, "--resume"))   # args from the checkpoint
+    assert resumed["final_loss"] == expected["final_loss"]
+    assert resumed.get("test_accuracy") == expected.get("test_accuracy")
+    a = torch.load(os.path.join(straight, "checkpoint.pth"), weights_only=True)
+    b = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
+    assert a["step"] == b["step"] == 4 * 5
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["epoch"] for r in metrics(broken)][-1] == 4
+
+
+def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+                   "--epochs", "1", "--batch-size", "32"]) == 0
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    capsys.readouterr()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--base-lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "conflicts" in err and len(err.strip().splitlines()) == 1
+    assert M.main(["--stage", "finetune", "--dataset", "cifar10", "--out", out, "--resume"]) == 2
+    assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--batch-size", "32"]) == 0
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["epoch"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    calls, clean = [0], M.mae_loss
+
+    def poisoned(*args):                     # the 8th loss (epoch 2, step 8) becomes NaN
+        calls[0] += 1
+        loss = clean(*args)
+        return loss * float("nan") if calls[0] == 8 else loss
+
+    monkeypatch.setattr(M, "mae_loss", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+                "--epochs", "3", "--batch-size", "16", "--save-every", "1"])
+    message = str(stop.value.code)           # a message, so the exit code is 1
+    assert "non-finite loss at epoch 2, step 8" in message
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth.tmp"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    M.save_checkpoint(path, stage="pretrain", value=1)
+
+    def dies_half_way(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        M.save_checkpoint(path, stage="pretrain", value=2)
+    assert torch.load(path, weights_only=True)["value"] == 1
+
+
+class RunsCode:
+    """A pickle that would run a shell command when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    pre, ft = str(root / "pre"), str(root / "ft")
+    base = ["--dataset", "cifar10", "--data-dir", data, "--epochs", "1", "--batch-size", "32", "--num-workers", "0"]
+    assert M.main(["--stage", "pretrain", "--out", pre, *base]) == 0
+    assert M.main(["--stage", "finetune", "--out", ft, *base]) == 0
+    pre, ft = os.path.join(pre, "checkpoint.pth"), os.path.join(ft, "checkpoint.pth")
+    text = str(root / "notes.txt")
+    open(text, "w").write("not a checkpoint")
+    evil, marker = str(root / "evil.pth"), str(root / "pwned")
+    torch.save({"stage": "pretrain", "model": RunsCode(marker), "args": {}}, evil)
+    other = str(root / "other.pth")
+    state = torch.load(pre, weights_only=True)
+    state["model"]["encoder.pos_embed"] = torch.zeros(65, 192)       # a 32x32 / 4x4 model
+    torch.save(state, other)
+    return dict(pre=pre, ft=ft, text=text, evil=evil, marker=marker, other=other, used=str(root))
+
+
+BAD = {
+    "unknown stage": ["--stage", "train", "--dataset", "cifar10"],
+    "unknown dataset": ["--stage", "pretrain", "--dataset", "imagenet"],
+    "missing init": ["--stage", "finetune", "--dataset", "cifar10", "--init", "{root}/nothing.pth"],
+    "init not a checkpoint": ["--stage", "finetune", "--dataset", "cifar10", "--init", "{text}"],
+    "init runs code": ["--stage", "eval", "--init", "{evil}"],
+    "finetune from finetuned": ["--stage", "finetune", "--dataset", "cifar100", "--init", "{ft}"],
+    "eval with wrong classes": ["--stage", "eval", "--dataset", "cifar100", "--init", "{ft}"],
+    "other architecture": ["--stage", "finetune", "--dataset", "cifar10", "--init", "{other}"],
+    "mask ratio above 1": ["--stage", "pretrain", "--dataset", "cifar10", "--mask-ratio", "1.5"],
+    "mask ratio 0": ["--stage", "pretrain", "--dataset", "cifar10", "--mask-ratio", "0"],
+    "no visible patch": ["--stage", "pretrain", "--dataset", "cifar10", "--mask-ratio", "0.999"],
+    "batch size 0": ["--stage", "pretrain", "--dataset", "cifar10", "--batch-size", "0"],
+    "batch above data": ["--stage", "pretrain", "--dataset", "cifar10", "--batch-size", "1000"],
+    "negative epochs": ["--stage", "finetune", "--dataset", "cifar10", "--epochs", "-1"],
+    "zero lr": ["--stage", "pretrain", "--dataset", "cifar10", "--base-lr", "0"],
+    "out holds a run": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{used}/pre"],
+    "resume nothing": ["--stage", "pretrain", "--dataset", "cifar10", "--resume"],
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data, tmp_path, capsys):
+    paths = dict(checkpoints, root=str(tmp_path))
+    argv = [a.format(**paths) for a in BAD[case]]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = sorted(os.listdir(checkpoints["used"] + "/pre"))
+    try:
+        code = M.main([*argv, "--data-dir", data])
+    except SystemExit as e:                  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(checkpoints["used"] + "/pre")) == before
+    assert not os.path.exists(checkpoints["marker"])
+
+
+def test_bad_input_from_the_shell_has_no_traceback(checkpoints, tmp_path):
+    r = run_cli("--stage", "finetune", "--dataset", "cifar10", "--init", checkpoints["text"],
+                "--out", str(tmp_path / "out"), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
