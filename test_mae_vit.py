@@ -274,22 +274,22 @@ def test_crop_resize_matches_torchvision_resized_crop_and_flip():
         assert torch.allclose(out[i], ref, atol=1e-3), i
 
 
-def test_pretrain_augment_output():
+def test_crop_flip_normalize_output():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    x = M.pretrain_augment(images)
+    x = M.crop_flip_normalize(images, (0.6, 1.0))
     assert x.shape == (8, 3, 36, 36) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
 
 
-def test_finetune_images_are_a_function_of_the_seed():
+def test_autoaugmented_images_are_a_function_of_the_seed():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    ds = M.FinetuneImages(images, torch.arange(4), (0.8, 1.0))
+    ds = M.AutoAugmented(images, torch.arange(4))
     a, la = ds[(2, 123)]
     torch.manual_seed(999)
     before = torch.get_rng_state()
     b, lb = ds[(2, 123)]
     assert torch.equal(before, torch.get_rng_state())                  # caller's RNG untouched
-    assert a.shape == (3, 36, 36) and a.dtype == torch.uint8
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b) and la == lb == 2
     assert not all(torch.equal(a, ds[(2, s)][0]) for s in range(124, 130))
 
@@ -333,7 +333,7 @@ def test_compiled_steps_do_not_recompile():
     for step in range(3):
         for g in opt.param_groups:
             g["lr"] = 1e-4 * (step + 1) * g["lr_scale"]
-        compiled(M.pretrain_augment(images))[0].backward()
+        compiled(M.crop_flip_normalize(images, (0.6, 1.0)))[0].backward()
         opt.step()
         opt.zero_grad()
     counters = torch._dynamo.utils.counters
