@@ -574,3 +574,17 @@ def test_bad_input_from_the_shell_has_no_traceback(checkpoints, tmp_path):
                 "--out", str(tmp_path / "out"), check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_dropout_keeps_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = M.dropout(x, 0.1, True)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.002                                     # 1e6 draws: sd 3e-4
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())                             # grad = mask / (1 - p)
+    assert torch.equal(M.dropout(x, 0.1, False), x)
+    rows = (M.dropout(torch.ones(64, 1000), 0.5, True) != 0).float().mean(1)
+    assert rows.std() > 0.005 and (rows - 0.5).abs().max() < 0.08    # no repeated masks
