@@ -338,6 +338,18 @@ def test_compiled_steps_do_not_recompile():
         opt.zero_grad()
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    # fine-tuning: one graph for the training step, one for evaluation, however many batches
+    clf = M.Classifier(10)
+    compiled = torch.compile(clf, backend="eager", dynamic=False)
+    opt = M.make_optimizer(clf, 0.05, 0.75, torch.device("cpu"))
+    args = type("Args", (), dict(device="cpu", amp=False, batch_size=5))
+    y = torch.arange(8) % 10
+    for step in range(2):
+        M.train_step(opt, lambda b: F.cross_entropy(compiled(M.crop_flip_normalize(b, (0.8, 1))), y),
+                     images, 1e-3 * step, args)
+    acc = [M.accuracy_on(compiled, images, y, args) for _ in range(2)]   # batches of 4: 8 = 4 + 4
+    assert acc[0] == acc[1]
+    assert counters["stats"]["unique_graphs"] == 1 + 2, dict(counters["stats"])
     assert not counters["graph_break"]
 
 
@@ -401,8 +413,9 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
 
 
 def test_bench_reports_true_macs(tmp_path):
-    r = run_cli("--stage", "bench", "--device", "cpu", "--batch-size", "8", "--num-workers", "0")
+    r = run_cli("--stage", "bench", "--device", "cpu", "--batch-size", "8", "--num-workers", "0", "--amp")
     s = summary(r)
+    assert 0 < s["loss_rel_diff_vs_fp32_eager"] < 0.02                  # bf16 close to fp32
     assert s["macs_per_image"] / 1e9 == pytest.approx(0.616, abs=0.005)     # true MACs, not 0.26
     assert s["parameters"] == 3_636_490
     for key in ("pretrain_img_per_s", "finetune_img_per_s", "finetune_loader_img_per_s"):
