@@ -289,7 +289,7 @@ class Block(nn.Module):
     def forward(self, x):                                            # (B, N, 192)
         B, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                         # each (B, 3, N, 64)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))         # each (B, 3, N, 64)
         a = F.scaled_dot_product_attention(q, k, v)                  # (B, 3, N, 64)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))        # (B, N, 192)
         # §3.1: "dropout 0.1 to the output of these [two linear] layers": after the ReLU
@@ -545,8 +545,9 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
 
     def check_finite(loss_sum, bad_step, epoch):
         if not torch.isfinite(loss_sum):
+            kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint"
             raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step {int(bad_step) + 1}; "
-                             f"stopped without saving, the last good checkpoint is {ckpt_path}")
+                             f"stopped without saving ({kept})")
 
     def stopped(epoch, batch):
         print(f"interrupted after step {epoch * steps_per_epoch + batch} ({epoch} epochs done); "

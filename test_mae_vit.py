@@ -498,6 +498,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     assert not os.path.exists(os.path.join(out, "checkpoint.pth.tmp"))
 
 
+def test_diverging_run_exits_1_with_one_line(data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", str(out),
+                "--epochs", "2", "--batch-size", "25", "--warmup-epochs", "0", "--base-lr", "1e30", check=False)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: non-finite loss at epoch 1, step ") and r.stderr.count("\n") == 1
+    assert not (out / "checkpoint.pth").exists()
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
     M.save_checkpoint(path, stage="pretrain", value=1)
