@@ -157,9 +157,9 @@ def crop_resize(images, top, left, h, w, flip, size=IMAGE_SIZE):
     xs = (left[:, None] + k * (w / size)[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
     ys = (top[:, None] + k * (h / size)[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
     xs = torch.where(flip[:, None], xs.flip(1), xs)                        # (B, size)
+    xs, ys = (2 * xs + 1) / W - 1, (2 * ys + 1) / H - 1                    # pixels -> [-1, 1]
     grid = torch.stack([xs[:, None, :].expand(B, size, size),
                         ys[:, :, None].expand(B, size, size)], -1)         # (B, size, size, 2)
-    grid = (2 * grid + 1) / torch.tensor([W, H], device=images.device) - 1   # pixels -> [-1, 1]
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
 
