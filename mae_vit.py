@@ -864,7 +864,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", required=True, choices=["pretrain", "finetune", "eval", "bench"])
     p.add_argument("--dataset", choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training")
     p.add_argument("--data-dir", help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)")
-    p.add_argument("--out", help="output folder (default runs/<stage>-<dataset>)")
+    p.add_argument("--out", help="output folder (default runs/<stage>-<dataset>; "
+                                 "eval: runs/eval-<checkpoint stage>-<dataset>)")
     p.add_argument("--epochs", type=int, help="Table 1: 4000, Table 2: 300")
     p.add_argument("--warmup-epochs", type=int, help="Table 1: 400, Table 2: 20")
     p.add_argument("--batch-size", type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000")
@@ -916,7 +917,8 @@ def resolve(args):
     if args.stage == "finetune" and args.dataset not in CIFAR:
         raise UsageError("fine-tuning needs a labelled dataset: --dataset cifar10 or cifar100")
     if args.out is None and args.stage != "bench":
-        args.out = os.path.join("runs", f"{args.stage}-{args.dataset}")
+        stage = f"eval-{state['stage']}" if args.stage == "eval" else args.stage
+        args.out = os.path.join("runs", f"{stage}-{args.dataset}")
     for key, value in RECIPES[args.stage].items():
         if key in vars(args) and getattr(args, key) is None:
             setattr(args, key, value)
