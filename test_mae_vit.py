@@ -610,3 +610,12 @@ def test_cpu_dropout_keeps_one_minus_p_and_rescales():
     assert torch.equal(M.dropout(x, 0.1, False), x)
     rows = (M.dropout(torch.ones(64, 1000), 0.5, True) != 0).float().mean(1)
     assert rows.std() > 0.005 and (rows - 0.5).abs().max() < 0.08    # no repeated masks
+
+
+def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert M.main(["--stage", "eval", "--init", checkpoints["pre"], "--data-dir", data]) == 0
+    assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 0
+    assert (tmp_path / "runs" / "eval-pretrain-cifar10" / "reconstructions.png").exists()
+    assert len(metrics(str(tmp_path / "runs" / "eval-finetune-cifar10"))) == 1
+    assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 2   # no overwrite
