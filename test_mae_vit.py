@@ -295,9 +295,9 @@ def test_autoaugmented_images_are_a_function_of_the_seed():
 
 
 # ---------------------------------------------------------------- learning
-def test_pretraining_and_classifier_fit_one_small_batch():
+def test_pretraining_and_classifier_fit_one_small_batch(tmp_path):
     torch.manual_seed(0)
-    root = write_cifar(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mae_vit_fit"), per_batch=2)
+    root = write_cifar(str(tmp_path), per_batch=2)
     images, labels = M.load_cifar("cifar10", root, "train")
     x = M.normalize(M.resize_test(images[:4]))
     mae = M.MAE()
