@@ -683,11 +683,6 @@ def pretrain(args, resume):
 def finetune(args, resume):
     """§3.3 / Table 2: encoder (+ pre-trained weights from --init) and a linear head."""
     device = setup_device(args)
-    images, labels = load_cifar(args.dataset, args.data_dir, "train")
-    test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
-    steps = len(images) // args.batch_size
-    if steps == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
     model = Classifier(CIFAR[args.dataset]["classes"])
     if args.init and not resume:
         ckpt = load_checkpoint(args.init)
@@ -696,6 +691,11 @@ def finetune(args, resume):
                              f"starts from a pretrain checkpoint (continue a run with --resume)")
         encoder = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
         load_weights(model.encoder, encoder, args.init)
+    images, labels = load_cifar(args.dataset, args.data_dir, "train")
+    test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
+    steps = len(images) // args.batch_size
+    if steps == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
     prepare_out(args, resume)
     model = model.to(device)
     print(f"parameters: {count_parameters(model):,}", flush=True)

@@ -591,9 +591,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data
     assert not os.path.exists(checkpoints["marker"])
 
 
-def test_bad_input_from_the_shell_has_no_traceback(checkpoints, tmp_path):
+def test_bad_input_from_the_shell_has_no_traceback(checkpoints, data, tmp_path):
     r = run_cli("--stage", "finetune", "--dataset", "cifar10", "--init", checkpoints["text"],
-                "--out", str(tmp_path / "out"), check=False)
+                "--data-dir", data, "--out", str(tmp_path / "out"), check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
