@@ -223,6 +223,19 @@ class EpochSampler(torch.utils.data.Sampler):
         return ((order[i], base + i) for i in range(self.start, self.n))
 
 
+def autoaugment_loader(images, labels, batch_size, seed, num_workers, pin_memory):
+    """Fine-tuning batches of AutoAugmented uint8 images: persistent workers, pinned
+    memory; the last partial batch is dropped. Returns the loader and its sampler."""
+    sampler = EpochSampler(len(images), seed)
+    loader = torch.utils.data.DataLoader(
+        AutoAugmented(images, labels),
+        batch_sampler=torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True),
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_sigint,
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator())          # its seed draw must not move the global RNG
+    return loader, sampler
+
+
 def ignore_sigint(worker_id):
     """DataLoader workers leave Ctrl-C to the main process, which saves and exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -654,14 +667,19 @@ def maybe_compile(model, args):
     return torch.compile(model, dynamic=False) if args.compile else model
 
 
+def steps_per_epoch(num_images, batch_size):
+    """Full batches only: the last partial batch is dropped (fixed shapes, one graph)."""
+    if num_images < batch_size:
+        raise UsageError(f"--batch-size {batch_size} is larger than the {num_images} training images")
+    return num_images // batch_size
+
+
 def pretrain(args, resume):
     """§3.2 / Table 1. The training set lives on the device as uint8; order, crops, flips
     and masks are drawn there for the whole batch: no DataLoader."""
     device = setup_device(args)
     images, _ = load_cifar(args.dataset, args.data_dir, "train")
-    steps = len(images) // args.batch_size                 # the last partial batch is dropped
-    if steps == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    steps = steps_per_epoch(len(images), args.batch_size)
     prepare_out(args, resume)
     images = images.to(device)
     model = MAE(args.mask_ratio, args.alpha).to(device)
@@ -693,20 +711,13 @@ def finetune(args, resume):
         load_weights(model.encoder, encoder, args.init)
     images, labels = load_cifar(args.dataset, args.data_dir, "train")
     test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
-    steps = len(images) // args.batch_size
-    if steps == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images")
+    steps = steps_per_epoch(len(images), args.batch_size)
     prepare_out(args, resume)
     model = model.to(device)
     print(f"parameters: {count_parameters(model):,}", flush=True)
     compiled = maybe_compile(model, args)
-    sampler = EpochSampler(len(images), args.seed)
-    loader = torch.utils.data.DataLoader(
-        AutoAugmented(images, labels),
-        batch_sampler=torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
-        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers else None,
-        generator=torch.Generator())          # its seed draw must not move the global RNG
+    loader, sampler = autoaugment_loader(images, labels, args.batch_size, args.seed,
+                                         args.num_workers, device.type == "cuda")
     test_images, test_labels = test_images.to(device), test_labels.to(device)
 
     def batches(epoch, start):
@@ -816,11 +827,8 @@ def bench(args):
     # CPU side of fine-tuning: AutoAugment in DataLoader workers on synthetic images.
     n_img = 64 * fine_bs if cuda else 16 * fine_bs
     fake = torch.randint(0, 256, (n_img, 3, 32, 32), dtype=torch.uint8)
-    sampler = EpochSampler(n_img, 0)
-    loader = torch.utils.data.DataLoader(
-        AutoAugmented(fake, torch.zeros(n_img, dtype=torch.int64)),
-        batch_sampler=torch.utils.data.BatchSampler(sampler, fine_bs, drop_last=True),
-        num_workers=args.num_workers, pin_memory=cuda)
+    loader, _ = autoaugment_loader(fake, torch.zeros(n_img, dtype=torch.int64), fine_bs, 0,
+                                   args.num_workers, cuda)
     it = iter(loader)
     next(it)                                              # workers started
     t0 = time.perf_counter()
