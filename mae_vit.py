@@ -302,7 +302,7 @@ class Block(nn.Module):
     def forward(self, x):                                            # (B, N, 192)
         B, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))         # each (B, 3, N, 64)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                         # each (B, 3, N, 64)
         a = F.scaled_dot_product_attention(q, k, v)                  # (B, 3, N, 64)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))        # (B, N, 192)
         # §3.1: "dropout 0.1 to the output of these [two linear] layers": after the ReLU
