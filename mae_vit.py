@@ -274,18 +274,6 @@ def dropout(x, p, training):
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
 
 
-def attention(q, k, v):
-    """Scaled dot-product attention, softmax(q k^T / sqrt(64)) v, for each head.
-    (B, heads, N, 64) -> (B, heads, N, 64). The same function on both paths: on the CPU
-    PyTorch's fused kernel (faster there); on the GPU written out as two matrix products
-    and a softmax that torch.compile fuses, because flash attention computes in tiles of
-    128 tokens, mostly padding at our 37 and 145 (README, Speed)."""
-    if q.device.type == "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5           # (B, heads, N, N)
-    return scores.softmax(-1) @ v          # under bf16 autocast the softmax runs in fp32
-
-
 class Block(nn.Module):
     """One transformer layer (§3.1): self-attention, then an MLP 192 -> 384 -> 192 with
     ReLU. Every linear layer here has a bias (§3.1).
@@ -315,7 +303,7 @@ class Block(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                         # each (B, 3, N, 64)
-        a = attention(q, k, v)                                       # (B, 3, N, 64)
+        a = F.scaled_dot_product_attention(q, k, v)                  # (B, 3, N, 64)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))        # (B, N, 192)
         # §3.1: "dropout 0.1 to the output of these [two linear] layers": after the ReLU
         # of the first and after the second. None on attention: the paper names none.
@@ -921,9 +909,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for cuda)")
     p.add_argument("--seed", type=int, help="one seed for every run, as §3 (default 0)")
-    p.add_argument("--num-workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
-                   help="fine-tuning DataLoader workers for AutoAugment (default: cores - 1, at "
-                        "most 16; one core is left to the training loop)")
+    p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="fine-tuning DataLoader workers for AutoAugment (default: cores, at most 16)")
     return p.parse_args(argv)
 
 
