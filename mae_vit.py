@@ -908,7 +908,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=20, help="epochs between checkpoints, and at the end (default 20)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda when available, else cpu")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda, except eval)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for cuda)")
     p.add_argument("--seed", type=int, help="one seed for every run, as §3 (default 0)")
     p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1),
@@ -953,7 +953,8 @@ def resolve(args):
     args.data_dir = args.data_dir or "./data"
     args.min_lr = args.min_lr or 0.0
     args.seed = args.seed or 0
-    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
+    if args.compile is None:      # eval passes over the test set once: compiling costs more
+        args.compile = args.device.startswith("cuda") and args.stage != "eval"   # than it saves
     args.amp = args.device.startswith("cuda") if args.amp is None else args.amp
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")

@@ -626,3 +626,17 @@ def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path
     assert (tmp_path / "runs" / "eval-pretrain-cifar10" / "reconstructions.png").exists()
     assert len(metrics(str(tmp_path / "runs" / "eval-finetune-cifar10"))) == 1
     assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 2   # no overwrite
+
+
+def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
+    """Eval passes over the test set once: compiling would cost more than it saves."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ev = M.parse_args(["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda"])
+    M.resolve(ev)
+    assert ev.compile is False and ev.amp is True
+    ft = M.parse_args(["--stage", "finetune", "--dataset", "cifar10", "--device", "cuda"])
+    M.resolve(ft)
+    assert ft.compile is True and ft.amp is True
+    forced = M.parse_args(["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda", "--compile"])
+    M.resolve(forced)
+    assert forced.compile is True
