@@ -206,34 +206,36 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (index, seed) in a shuffled order that is a function of (seed, epoch) alone;
-    `start` skips what a resumed run has already seen of its epoch."""
+class RunBatches(torch.utils.data.Sampler):
+    """Every fine-tuning batch of a run, epoch after epoch, as lists of (index, seed).
+    One DataLoader pass over them serves the whole run, so the workers go on augmenting
+    through the end of each epoch and the evaluation after it. (A loader restarted every
+    epoch leaves them idle there, and the first step of the next epoch then waits for a
+    whole batch per worker.) An epoch's order depends on (seed, epoch) alone; its last
+    partial batch is dropped; `first` = (epoch, batch) is where a resumed run starts."""
 
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return self.n - self.start
+    def __init__(self, n, batch_size, seed, epochs):
+        self.n, self.batch_size, self.seed, self.epochs = n, batch_size, seed, epochs
+        self.first = (0, 0)
 
     def __iter__(self):
-        order = epoch_order(self.n, self.seed, self.epoch).tolist()
-        base = (self.seed * 1_000_003 + self.epoch) * self.n
-        return ((order[i], base + i) for i in range(self.start, self.n))
+        first_epoch, first_batch = self.first
+        for epoch in range(first_epoch, self.epochs):
+            order = epoch_order(self.n, self.seed, epoch).tolist()
+            base = (self.seed * 1_000_003 + epoch) * self.n         # seed of the epoch's first draw
+            for b in range(first_batch if epoch == first_epoch else 0, self.n // self.batch_size):
+                yield [(order[i], base + i) for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
 
 
-def autoaugment_loader(images, labels, batch_size, seed, num_workers, pin_memory):
-    """Fine-tuning batches of AutoAugmented uint8 images: persistent workers, pinned
-    memory; the last partial batch is dropped. Returns the loader and its sampler."""
-    sampler = EpochSampler(len(images), seed)
+def autoaugment_loader(images, labels, batch_size, seed, epochs, num_workers, pin_memory):
+    """Fine-tuning batches of AutoAugmented uint8 images for the whole run (see RunBatches:
+    iterated once, its workers live as long as the run), in pinned memory. Returns the
+    loader and its batch sampler."""
+    sampler = RunBatches(len(images), batch_size, seed, epochs)
     loader = torch.utils.data.DataLoader(
-        AutoAugmented(images, labels),
-        batch_sampler=torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True),
+        AutoAugmented(images, labels), batch_sampler=sampler,
         num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_sigint,
-        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
         generator=torch.Generator())          # its seed draw must not move the global RNG
     return loader, sampler
 
@@ -724,13 +726,18 @@ def finetune(args, resume):
     model = model.to(device)
     print(f"parameters: {count_parameters(model):,}", flush=True)
     compiled = maybe_compile(model, args)
-    loader, sampler = autoaugment_loader(images, labels, args.batch_size, args.seed,
+    loader, sampler = autoaugment_loader(images, labels, args.batch_size, args.seed, args.epochs,
                                          args.num_workers, device.type == "cuda")
     test_images, test_labels = test_images.to(device), test_labels.to(device)
+    stream = None                             # the loader's one pass, begun at the first epoch
 
     def batches(epoch, start):
-        sampler.set_epoch(epoch, start * args.batch_size)
-        for x, y in loader:
+        nonlocal stream
+        if stream is None:
+            sampler.first = (epoch, start)
+            stream = iter(loader)
+        for _ in range(start, steps):
+            x, y = next(stream)
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def step_loss(batch):
@@ -848,7 +855,7 @@ def bench(args):
     skipped = 2 * max(1, args.num_workers)
     n_batches = skipped + (128 if cuda else 12)
     fake = torch.randint(0, 256, (n_batches * fine_bs, 3, 32, 32), dtype=torch.uint8)
-    loader, _ = autoaugment_loader(fake, torch.zeros(len(fake), dtype=torch.int64), fine_bs, 0,
+    loader, _ = autoaugment_loader(fake, torch.zeros(len(fake), dtype=torch.int64), fine_bs, 0, 1,
                                    args.num_workers, cuda)
     for i, (xb, _) in enumerate(loader):
         if i == skipped:

@@ -300,6 +300,22 @@ def test_autoaugmented_images_are_a_function_of_the_seed():
     assert not all(torch.equal(a, ds[(2, s)][0]) for s in range(124, 130))
 
 
+def test_run_batches_span_every_epoch_and_resume_where_they_stopped():
+    run = M.RunBatches(10, 3, seed=1, epochs=3)
+    batches = list(run)
+    assert len(batches) == 3 * 3 and all(len(b) == 3 for b in batches)   # 10 // 3 per epoch
+    for epoch in range(3):                      # each epoch: its own order, last partial batch dropped
+        order = M.epoch_order(10, 1, epoch).tolist()
+        assert [i for b in batches[3 * epoch:3 * epoch + 3] for i, _ in b] == order[:9]
+    seeds = [s for b in batches for _, s in b]
+    assert len(set(seeds)) == len(seeds)        # no image draw repeats another's augmentation
+    run.first = (1, 2)                          # resumed at epoch 1, batch 2
+    assert list(run) == batches[5:]
+    loader, _ = M.autoaugment_loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8),
+                                     torch.arange(10), 3, 1, 3, 0, False)
+    assert [y.tolist() for _, y in loader] == [[i for i, _ in b] for b in batches]
+
+
 # ---------------------------------------------------------------- learning
 def test_pretraining_and_classifier_fit_one_small_batch(tmp_path):
     torch.manual_seed(0)
