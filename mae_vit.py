@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.functional as TF
@@ -278,6 +279,17 @@ def dropout(x, p, training):
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
 
 
+def attention(q, k, v):
+    """Softmax attention of (B, heads, N, 64) tensors by F.scaled_dot_product_attention.
+    On the GPU, for short sequences (the 37 tokens of the pre-training encoder), the
+    memory-efficient kernel beats flash, whose 128-query tiles are then mostly empty:
+    pre-training 41k -> 46k img/s on an H200 (README)."""
+    if q.is_cuda and q.shape[2] <= 64:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Block(nn.Module):
     """One transformer layer (§3.1): self-attention, then an MLP 192 -> 384 -> 192 with
     ReLU. Every linear layer here has a bias (§3.1).
@@ -307,7 +319,7 @@ class Block(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                         # each (B, 3, N, 64)
-        a = F.scaled_dot_product_attention(q, k, v)                  # (B, 3, N, 64)
+        a = attention(q, k, v)                                       # (B, 3, N, 64)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))        # (B, N, 192)
         # §3.1: "dropout 0.1 to the output of these [two linear] layers": after the ReLU
         # of the first and after the second. None on attention: the paper names none.
@@ -792,7 +804,7 @@ def bench(args):
     """Images per second of the compiled training steps on synthetic data (no dataset),
     after warm-up, including the on-device augmentation of pre-training and, for
     fine-tuning, the CPU AutoAugment pipeline measured on its own."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel    # MATH: attention as counted matmuls
+
     from torch.utils.flop_counter import FlopCounterMode
     device = setup_device(args)
     cuda = device.type == "cuda"

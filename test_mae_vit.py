@@ -123,6 +123,16 @@ def test_block_is_relu_mlp_and_dropout_only_in_training():
     assert not torch.equal(block(x), block(x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel choice is made on CUDA only")
+def test_gpu_attention_kernels_agree_with_the_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for n in (37, 145):                      # memory-efficient kernel, flash kernel
+        q, k, v = torch.randn(3, 64, 3, n, 64, device="cuda", dtype=torch.bfloat16)
+        with sdpa_kernel(SDPBackend.MATH):
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        assert torch.allclose(M.attention(q, k, v).float(), exact, atol=2e-2), n
+
+
 # ---------------------------------------------------------------- 3. masking and encoder
 def test_random_masking_keeps_36_unique_patches_and_the_dummy():
     torch.manual_seed(0)
