@@ -19,7 +19,7 @@ then fine-tuned with AutoAugment.
 Paper, Table 3: 96.41% top-1 on CIFAR-10 and 78.27% on CIFAR-100, 3.64 M parameters.
 This file has not been trained to those numbers here (no CIFAR, and a GPU only for
 minutes). Speed, `--stage bench` on one NVIDIA H200, torch 2.11, compiled, bf16:
-41k img/s pre-training, 27k img/s fine-tuning, the full recipe projected at 1.5 h.
+46k img/s pre-training, 27k img/s fine-tuning, the full recipe projected at 1.35 h.
 README.md lists what was measured, where and how.
 """
 import argparse
@@ -280,10 +280,9 @@ def dropout(x, p, training):
 
 
 def attention(q, k, v):
-    """Softmax attention of (B, heads, N, 64) tensors by F.scaled_dot_product_attention.
-    On the GPU, for short sequences (the 37 tokens of the pre-training encoder), the
-    memory-efficient kernel beats flash, whose 128-query tiles are then mostly empty:
-    pre-training 41k -> 46k img/s on an H200 (README)."""
+    """softmax(q k^T / 8) v for (B, heads, N, 64) tensors. On the GPU the 37 tokens of the
+    pre-training encoder go to the memory-efficient kernel: flash's 128-query tiles would
+    be mostly empty (pre-training 41k -> 46k img/s on an H200, README)."""
     if q.is_cuda and q.shape[2] <= 64:
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v)
