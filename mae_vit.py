@@ -280,10 +280,11 @@ def dropout(x, p, training):
 
 
 def attention(q, k, v):
-    """softmax(q k^T / 8) v for (B, heads, N, 64) tensors. On the GPU the 37 tokens of the
-    pre-training encoder go to the memory-efficient kernel: flash's 128-query tiles would
-    be mostly empty (pre-training 41k -> 46k img/s on an H200, README)."""
-    if q.is_cuda and q.shape[2] <= 64:
+    """softmax(q k^T / 8) v for (B, heads, N, 64) tensors. Flash attention, PyTorch's pick
+    on the GPU in bf16, tiles 128 queries; for the 37 tokens of the pre-training encoder
+    the memory-efficient kernel is faster (41k -> 46k img/s on an H200, README). fp32
+    goes to PyTorch's own choice, so an outer sdpa_kernel(MATH) is obeyed there."""
+    if q.is_cuda and q.dtype != torch.float32 and q.shape[2] <= 64:
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
@@ -803,7 +804,6 @@ def bench(args):
     """Images per second of the compiled training steps on synthetic data (no dataset),
     after warm-up, including the on-device augmentation of pre-training and, for
     fine-tuning, the CPU AutoAugment pipeline measured on its own."""
-
     from torch.utils.flop_counter import FlopCounterMode
     device = setup_device(args)
     cuda = device.type == "cuda"
