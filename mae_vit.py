@@ -229,9 +229,8 @@ class RunBatches(torch.utils.data.Sampler):
 
 
 def autoaugment_loader(images, labels, batch_size, seed, epochs, num_workers, pin_memory):
-    """Fine-tuning batches of AutoAugmented uint8 images for the whole run (see RunBatches:
-    iterated once, its workers live as long as the run), in pinned memory. Returns the
-    loader and its batch sampler."""
+    """The run's fine-tuning batches (RunBatches) of AutoAugmented uint8 images, in pinned
+    memory. Returns the loader and its batch sampler."""
     sampler = RunBatches(len(images), batch_size, seed, epochs)
     loader = torch.utils.data.DataLoader(
         AutoAugmented(images, labels), batch_sampler=sampler,
