@@ -278,14 +278,30 @@ def dropout(x, p, training):
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
 
 
+# FlexAttention (torch >= 2.5; used from 2.11, the version it was measured on) compiles
+# its attention kernel with the tile sizes given here: 64 queries x 32 keys forward, and
+# (32, 64, 64, 32) for the backward pass's two loops; each the fastest of those tried on
+# an H200 for 145 tokens (README). Flash attention's fixed 128-query tiles pad 145 to 256.
+FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
+if torch.__version__ >= "2.11":
+    from torch.nn.attention.flex_attention import flex_attention
+else:
+    flex_attention = None
+
+
 def attention(q, k, v):
-    """softmax(q k^T / 8) v for (B, heads, N, 64) tensors. Flash attention, PyTorch's pick
-    on the GPU in bf16, tiles 128 queries; for the 37 tokens of the pre-training encoder
-    the memory-efficient kernel is faster (41k -> 46k img/s on an H200, README). fp32
-    goes to PyTorch's own choice, so an outer sdpa_kernel(MATH) is obeyed there."""
-    if q.is_cuda and q.dtype != torch.float32 and q.shape[2] <= 64:
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, k, v)
+    """softmax(q k^T / 8) v for (B, heads, N, 64) tensors. Which kernel computes it is a
+    speed choice only; a GPU test checks that they agree. In bf16 on the GPU the 37 tokens
+    of the pre-training encoder go to the memory-efficient kernel, and 145 tokens, when
+    compiled, to FlexAttention with FLEX_TILES: 41k -> 49k img/s pre-training and 27k ->
+    30k fine-tuning on an H200 (README). Everything else (fp32, CPU, not compiled) is
+    PyTorch's own choice, so an outer sdpa_kernel(MATH) is obeyed there."""
+    if q.is_cuda and q.dtype != torch.float32:
+        if q.shape[2] <= 64:
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(q, k, v)
+        if flex_attention is not None and torch.compiler.is_compiling():
+            return flex_attention(q, k, v, kernel_options=FLEX_TILES)
     return F.scaled_dot_product_attention(q, k, v)
 
 
