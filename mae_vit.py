@@ -19,7 +19,7 @@ then fine-tuned with AutoAugment.
 Paper, Table 3: 96.41% top-1 on CIFAR-10 and 78.27% on CIFAR-100, 3.64 M parameters.
 This file has not been trained to those numbers here (no CIFAR, and a GPU only for
 minutes). Speed, `--stage bench` on one NVIDIA H200, torch 2.11, compiled, bf16:
-46k img/s pre-training, 27k img/s fine-tuning, the full recipe projected at 1.35 h.
+49k img/s pre-training, 30k img/s fine-tuning, the full recipe projected at 1.27 h.
 README.md lists what was measured, where and how.
 """
 import argparse
@@ -293,9 +293,10 @@ def attention(q, k, v):
     """softmax(q k^T / 8) v for (B, heads, N, 64) tensors. Which kernel computes it is a
     speed choice only; a GPU test checks that they agree. In bf16 on the GPU the 37 tokens
     of the pre-training encoder go to the memory-efficient kernel, and 145 tokens, when
-    compiled, to FlexAttention with FLEX_TILES: 41k -> 49k img/s pre-training and 27k ->
-    30k fine-tuning on an H200 (README). Everything else (fp32, CPU, not compiled) is
-    PyTorch's own choice, so an outer sdpa_kernel(MATH) is obeyed there."""
+    compiled, to FlexAttention with FLEX_TILES: against flash everywhere, about 41k ->
+    49k img/s pre-training and 27k -> 30k fine-tuning on an H200 (README). Everything
+    else (fp32, CPU, not compiled) is PyTorch's choice, so an outer sdpa_kernel(MATH)
+    is obeyed there."""
     if q.is_cuda and q.dtype != torch.float32:
         if q.shape[2] <= 64:
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
