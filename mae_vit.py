@@ -858,7 +858,7 @@ def bench(args):
         clf, lambda xy: F.cross_entropy(clf_c(crop_flip_normalize(xy[0], FINETUNE["crop_scale"])), xy[1]),
         lambda: (x, y), FINETUNE["layer_decay"])
     graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])   # training steps only
-    # The fast path (compiled, bf16, flash / mem-efficient attention) against fp32 eager
+    # The fast path (compiled, bf16, attention()'s GPU kernels) against fp32 eager
     # with the math attention kernel and no TF32, on one batch and one mask, in eval mode
     # (no dropout): the relative difference of each stage's loss.
     def rel_diff(model, compiled, loss_of):
