@@ -278,10 +278,9 @@ def dropout(x, p, training):
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
 
 
-# FlexAttention (torch >= 2.5; used from 2.11, the version it was measured on) compiles
-# its attention kernel with the tile sizes given here: 64 queries x 32 keys forward, and
-# (32, 64, 64, 32) for the backward pass's two loops; each the fastest of those tried on
-# an H200 for 145 tokens (README). Flash attention's fixed 128-query tiles pad 145 to 256.
+# FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys; the backward pass's
+# two loops), each the fastest tried on an H200 (README): flash's 128-query tiles pad 145
+# to 256. Used from torch 2.11, the version measured.
 FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
 if torch.__version__ >= "2.11":
     from torch.nn.attention.flex_attention import flex_attention
