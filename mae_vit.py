@@ -98,27 +98,23 @@ DATASETS = ["cifar10", "cifar100", "cifar10+cifar100"]   # the merged set is §5
 
 def load_cifar(dataset, root, split):
     """Returns images uint8 (N, 3, 32, 32) and labels int64 (N,). 'a+b' concatenates."""
-    parts = [load_cifar_one(name, root, split) for name in dataset.split("+")]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def load_cifar_one(name, root, split):
-    spec = CIFAR[name]
-    folder = os.path.join(root, spec["folder"])
-    files = [os.path.join(folder, f) for f in spec[split]]
-    if not all(os.path.isfile(f) for f in files):
-        try:
-            spec["download"](root, train=True, download=True)
-        except Exception as e:
-            raise UsageError(f"{name} not found: expected {', '.join(spec[split])} in {folder} "
-                             f"and the download failed ({type(e).__name__}); place the CIFAR "
-                             f"python batches there or run once with internet access") from None
     data, labels = [], []
-    for f in files:
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="latin1")
-        data.append(np.asarray(batch["data"], dtype=np.uint8))
-        labels += list(batch[spec["label_key"]])
+    for name in dataset.split("+"):
+        spec = CIFAR[name]
+        folder = os.path.join(root, spec["folder"])
+        files = [os.path.join(folder, f) for f in spec[split]]
+        if not all(os.path.isfile(f) for f in files):
+            try:
+                spec["download"](root, train=True, download=True)
+            except Exception as e:
+                raise UsageError(f"{name} not found: expected {', '.join(spec[split])} in {folder} "
+                                 f"and the download failed ({type(e).__name__}); place the CIFAR "
+                                 f"python batches there or run once with internet access") from None
+        for f in files:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")
+            data.append(np.asarray(batch["data"], dtype=np.uint8))
+            labels += list(batch[spec["label_key"]])
     images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)   # rows are R, G, B planes
     return images, torch.tensor(labels, dtype=torch.int64)
 
