@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+import torchvision.transforms.v2 as T2
 import torchvision.transforms.functional as TF
 
 import mae_vit as M
@@ -324,6 +325,12 @@ def test_autoaugmented_images_are_a_function_of_the_seed():
     assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b) and la == lb == 2
     assert not all(torch.equal(a, ds[(2, s)][0]) for s in range(124, 130))
+    # Table 2: exactly torchvision's AutoAugment with the CIFAR-10 policy, seeded per image
+    policy = T2.AutoAugment(T2.AutoAugmentPolicy.CIFAR10)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = TF.pil_to_tensor(policy(TF.to_pil_image(images[1])))
+        assert torch.equal(ds[(1, seed)][0], expected), seed
 
 
 def test_run_batches_span_every_epoch_and_resume_where_they_stopped():
