@@ -239,6 +239,20 @@ def test_mae_forward_loss_is_eq1_on_normalized_pixels():
 
 
 # ---------------------------------------------------------------- 6. schedules
+def test_default_recipe_is_tables_1_and_2():
+    """What a run gets when the command line gives only the stage and dataset."""
+    table = dict(pretrain=dict(epochs=4000, warmup_epochs=400, batch_size=1408, base_lr=1.5e-4,
+                               weight_decay=0.05, mask_ratio=0.75, alpha=0.1, layer_decay=1.0),
+                 finetune=dict(epochs=300, warmup_epochs=20, batch_size=768, base_lr=1e-3,
+                               weight_decay=0.05, layer_decay=0.75))
+    for stage, expected in table.items():
+        args = M.parse_args(["--stage", stage, "--dataset", "cifar10", "--device", "cpu"])
+        M.resolve(args)
+        assert {k: getattr(args, k) for k in expected} == expected, stage
+        assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and not args.amp
+    assert M.PRETRAIN["crop_scale"] == (0.6, 1.0) and M.FINETUNE["crop_scale"] == (0.8, 1.0)
+
+
 def test_learning_rate_schedule():
     peak = M.peak_lr(1.5e-4, 1408)
     assert peak == pytest.approx(8.25e-4)                              # Eq. 2
