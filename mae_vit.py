@@ -982,11 +982,17 @@ def resolve(args):
     args.data_dir = args.data_dir or "./data"
     args.min_lr = args.min_lr or 0.0
     args.seed = args.seed or 0
-    if args.compile is None:      # eval passes over the test set once: compiling costs more
-        args.compile = args.device.startswith("cuda") and args.stage != "eval"   # than it saves
-    args.amp = args.device.startswith("cuda") if args.amp is None else args.amp
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
+    # GPU defaults: torch.compile's Triton kernels need compute capability 7.0 (Volta), bf16
+    # 8.0 (Ampere); older GPUs would emulate it slowly. Eval passes over the test set once,
+    # so compiling it would cost more than it saves.
+    capability = torch.cuda.get_device_capability(args.device) if cuda else (0, 0)
+    if args.compile is None:
+        args.compile = capability >= (7, 0) and args.stage != "eval"
+    if args.amp is None:
+        args.amp = capability >= (8, 0)
     for key in ("epochs", "batch_size", "base_lr", "save_every"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")

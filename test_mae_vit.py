@@ -694,6 +694,7 @@ def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path
 def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
     """Eval passes over the test set once: compiling would cost more than it saves."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     ev = M.parse_args(["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda"])
     M.resolve(ev)
     assert ev.compile is False and ev.amp is True
@@ -703,3 +704,18 @@ def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
     forced = M.parse_args(["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda", "--compile"])
     M.resolve(forced)
     assert forced.compile is True
+
+
+@pytest.mark.parametrize("capability, compile, amp", [((9, 0), True, True), ((8, 0), True, True),
+                                                      ((7, 5), True, False), ((6, 0), False, False)])
+def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile, amp):
+    """bf16 autocast by default from Ampere (8.0), torch.compile from Volta (7.0): a T4 or
+    a P100 gets a run that works in fp32 instead of emulated bf16 or a Triton error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    args = M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda"])
+    M.resolve(args)
+    assert (args.compile, args.amp) == (compile, amp)
+    forced = M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda", "--amp"])
+    M.resolve(forced)
+    assert forced.amp is True                                  # an explicit flag is obeyed
