@@ -982,9 +982,15 @@ def resolve(args):
     args.data_dir = args.data_dir or "./data"
     args.min_lr = args.min_lr or 0.0
     args.seed = args.seed or 0
-    cuda = args.device.startswith("cuda")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device} is not a device name (cpu, cuda, cuda:N)") from None
+    cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if cuda and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     # GPU defaults: torch.compile's Triton kernels need compute capability 7.0 (Volta), bf16
     # 8.0 (Ampere); older GPUs would emulate it slowly. Eval passes over the test set once,
     # so compiling it would cost more than it saves.

@@ -639,6 +639,8 @@ BAD = {
     "zero lr": ["--stage", "pretrain", "--dataset", "cifar10", "--base-lr", "0"],
     "out holds a run": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{used}/pre"],
     "resume nothing": ["--stage", "pretrain", "--dataset", "cifar10", "--resume"],
+    "unknown device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "gpu"],
+    "no such cuda device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:99"],
 }
 
 
@@ -691,10 +693,16 @@ def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path
     assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 2   # no overwrite
 
 
+def fake_gpu(monkeypatch, capability):
+    """Makes resolve() see one CUDA GPU of the given compute capability."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
 def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
     """Eval passes over the test set once: compiling would cost more than it saves."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fake_gpu(monkeypatch, (9, 0))
     ev = M.parse_args(["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda"])
     M.resolve(ev)
     assert ev.compile is False and ev.amp is True
@@ -711,11 +719,12 @@ def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
 def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile, amp):
     """bf16 autocast by default from Ampere (8.0), torch.compile from Volta (7.0): a T4 or
     a P100 gets a run that works in fp32 instead of emulated bf16 or a Triton error."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    fake_gpu(monkeypatch, capability)
     args = M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda"])
     M.resolve(args)
     assert (args.compile, args.amp) == (compile, amp)
     forced = M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda", "--amp"])
     M.resolve(forced)
     assert forced.amp is True                                  # an explicit flag is obeyed
+    with pytest.raises(M.UsageError, match=r"has 1 CUDA device\(s\)"):
+        M.resolve(M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:1"]))
