@@ -111,10 +111,14 @@ def load_cifar(dataset, root, split):
                                  f"and the download failed ({type(e).__name__}); place the CIFAR "
                                  f"python batches there or run once with internet access") from None
         for f in files:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            data.append(np.asarray(batch["data"], dtype=np.uint8))
-            labels += list(batch[spec["label_key"]])
+            try:
+                with open(f, "rb") as fh:
+                    batch = pickle.load(fh, encoding="latin1")
+                data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32))
+                labels += list(batch[spec["label_key"]])
+            except Exception as e:
+                raise UsageError(f"{f} is not a CIFAR python batch ({type(e).__name__}); "
+                                 f"delete it to download it again") from None
     images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)   # rows are R, G, B planes
     return images, torch.tensor(labels, dtype=torch.int64)
 

@@ -481,6 +481,18 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
     assert not out.exists()
 
 
+def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
+    write_cifar(str(tmp_path))
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:1000])                        # a truncated download
+    out = tmp_path / "out"
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                   "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "data_batch_2" in err
+    assert not out.exists()
+
+
 def test_bench_reports_true_macs(tmp_path):
     r = run_cli("--stage", "bench", "--device", "cpu", "--batch-size", "8", "--num-workers", "0", "--amp")
     s = summary(r)
