@@ -576,6 +576,10 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
     opt = make_optimizer(model, args.weight_decay, args.layer_decay, device)
     peak = peak_lr(args.base_lr, args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    if args.warmup_epochs >= args.epochs:         # e.g. a short run with Table 1's 400 epochs
+        print(f"note: the warm-up ({args.warmup_epochs} epochs) is not shorter than the run "
+              f"({args.epochs}), so the lr never reaches its peak; set --warmup-epochs",
+              file=sys.stderr, flush=True)
     epoch, start = 0, 0
     if resume:
         model.load_state_dict(resume["model"])

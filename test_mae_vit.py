@@ -434,6 +434,7 @@ def test_pretrain_finetune_eval_end_to_end(data, tmp_path):
     assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
     assert all(row["images_per_s"] > 0 and row["seconds"] > 0 for row in rows)
     assert len(r.stdout.strip().splitlines()) == 4 and "ETA" in r.stdout
+    assert "note:" not in r.stderr                                   # warm-up 1 of 2 epochs
     ckpt = torch.load(os.path.join(pre, "checkpoint.pth"), weights_only=True)
     assert ckpt["stage"] == "pretrain" and ckpt["epoch"] == 2 and "optimizer" in ckpt
     assert ckpt["args"]["batch_size"] == 16 and ckpt["args"]["base_lr"] == 1.5e-4   # Table 1
@@ -549,7 +550,7 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
                    "--epochs", "1", "--batch-size", "32"]) == 0
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
-    capsys.readouterr()
+    assert "never reaches its peak" in capsys.readouterr().err      # 1 epoch, Table 1's 400 warm-up
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--base-lr", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert "conflicts" in err and len(err.strip().splitlines()) == 1
