@@ -238,6 +238,24 @@ def test_mae_forward_loss_is_eq1_on_normalized_pixels():
     assert torch.equal(mask1, (noise > noise.sort(1).values[:, 35:36]).float())
 
 
+def test_residual_stream_is_bf16_under_autocast_and_the_loss_stays_close():
+    """Under bf16 autocast every block of both stacks receives (and so adds to) a bf16
+    residual stream; in fp32 it stays fp32. The loss moves by bf16 rounding only."""
+    torch.manual_seed(0)
+    mae = M.MAE().eval()
+    images, noise = torch.rand(4, 3, 36, 36) * 2 - 1, torch.rand(4, 144)
+    seen = []
+    for block in [*mae.encoder.blocks, *mae.decoder.blocks]:
+        block.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    exact = mae(images, noise)[0]
+    assert seen == [torch.float32] * 16
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = mae(images, noise)[0]
+    assert seen == [torch.bfloat16] * 16
+    assert abs(fast.item() - exact.item()) / exact.item() < 2e-2
+
+
 # ---------------------------------------------------------------- 6. schedules
 def test_default_recipe_is_tables_1_and_2():
     """What a run gets when the command line gives only the stage and dataset."""
