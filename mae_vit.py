@@ -934,7 +934,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training")
     p.add_argument("--data-dir", help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)")
     p.add_argument("--out", help="output folder (default runs/<stage>-<dataset>; "
-                                 "eval: runs/eval-<checkpoint stage>-<dataset>)")
+                                 "eval: runs/eval-<checkpoint stage>-<dataset>; bench: none)")
     p.add_argument("--epochs", type=int, help="Table 1: 4000, Table 2: 300")
     p.add_argument("--warmup-epochs", type=int, help="Table 1: 400, Table 2: 20")
     p.add_argument("--batch-size", type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000")
@@ -977,10 +977,16 @@ def resolve(args):
                 raise UsageError(f"--{key.replace('_', '-')} {given} conflicts with the run in {args.out} "
                                  f"(started with {saved[key]}); only --epochs may change on --resume")
             setattr(args, key, saved[key])
-        args.epochs = args.epochs or saved["epochs"]
+        args.epochs = saved["epochs"] if args.epochs is None else args.epochs
         args.data_dir = args.data_dir or saved["data_dir"]
-        if args.epochs < state["epoch"]:
-            raise UsageError(f"--epochs {args.epochs} is fewer than the {state['epoch']} already done")
+        done = state["epoch"] + (state["batch"] > 0)          # a started epoch counts
+        if args.epochs < done:
+            raise UsageError(f"--epochs {args.epochs} is fewer than the {done} already begun in {args.out}")
+        if args.epochs == state["epoch"]:
+            print(f"note: the run in {args.out} has done all its {args.epochs} epochs; nothing to "
+                  f"train (a larger --epochs extends it)", file=sys.stderr, flush=True)
+    if args.stage == "bench" and args.out is not None:
+        raise UsageError("--stage bench writes no files (its result is the JSON line it prints last); drop --out")
     if args.stage != "bench" and args.dataset is None:
         raise UsageError(f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})")
     if args.stage == "finetune" and args.dataset not in CIFAR:

@@ -577,6 +577,22 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--batch-size", "32"]) == 0
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["epoch"] == 2
+    capsys.readouterr()
+    finished = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume"]) == 0        # nothing left to do
+    assert "done all its 2 epochs" in capsys.readouterr().err
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "1"]) == 2
+    assert "fewer than the 2" in capsys.readouterr().err
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "0"]) == 2   # not "unset"
+    assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == finished
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    state["epoch"], state["batch"] = 1, 1                  # stopped one step into epoch 2
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    torch.save(state, mid / "checkpoint.pth")
+    assert M.main(["--stage", "pretrain", "--out", str(mid), "--resume", "--epochs", "1"]) == 2
+    assert "fewer than the 2 already begun" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
@@ -672,6 +688,7 @@ BAD = {
     "resume nothing": ["--stage", "pretrain", "--dataset", "cifar10", "--resume"],
     "unknown device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "gpu"],
     "no such cuda device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:99"],
+    "bench given --out": ["--stage", "bench", "--device", "cpu"],          # it would write nothing there
 }
 
 
