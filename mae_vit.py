@@ -1041,7 +1041,12 @@ def prepare_out(args, resume):
     if taken and not resume:
         raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); "
                          f"use --resume to continue it or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out} cannot be created ({e.strerror})") from None
+    if not os.access(args.out, os.W_OK):
+        raise UsageError(f"--out {args.out} is not writable")
 
 
 def main(argv=None):

@@ -688,6 +688,7 @@ BAD = {
     "resume nothing": ["--stage", "pretrain", "--dataset", "cifar10", "--resume"],
     "unknown device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "gpu"],
     "no such cuda device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:99"],
+    "out is a file": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{text}"],
     "bench given --out": ["--stage", "bench", "--device", "cpu"],          # it would write nothing there
 }
 
