@@ -223,7 +223,8 @@ class RunBatches(torch.utils.data.Sampler):
         first_epoch, first_batch = self.first
         for epoch in range(first_epoch, self.epochs):
             order = epoch_order(self.n, self.seed, epoch).tolist()
-            base = (self.seed * 1_000_003 + epoch) * self.n         # seed of the epoch's first draw
+            base = (self.seed * 1_000_003 + epoch) * self.n % 2 ** 62   # the epoch's first draw's seed,
+                                                                          # < 2^63 as manual_seed needs
             for b in range(first_batch if epoch == first_epoch else 0, self.n // self.batch_size):
                 yield [(order[i], base + i) for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
 
@@ -1020,6 +1021,8 @@ def resolve(args):
     for key in ("epochs", "batch_size", "base_lr", "save_every"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2^32), got {args.seed}")
     for key in ("warmup_epochs", "weight_decay", "min_lr", "alpha", "num_workers"):
         if getattr(args, key) is not None and getattr(args, key) < 0:
             raise UsageError(f"--{key.replace('_', '-')} must not be negative, got {getattr(args, key)}")

@@ -379,6 +379,12 @@ def test_run_batches_span_every_epoch_and_resume_where_they_stopped():
     loader, _ = M.autoaugment_loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8),
                                      torch.arange(10), 3, 1, 3, 0, False)
     assert [y.tolist() for _, y in loader] == [[i for i, _ in b] for b in batches]
+    big = M.RunBatches(50_000, 768, seed=2 ** 32 - 1, epochs=300)      # the largest --seed
+    big.first = (299, 64)
+    last = next(iter(big))[-1]
+    assert 0 <= last[1] < 2 ** 63
+    M.AutoAugmented(torch.zeros(1, 3, 32, 32, dtype=torch.uint8).expand(50_000, -1, -1, -1),
+                    torch.zeros(50_000))[last]                          # its seed is accepted
 
 
 # ---------------------------------------------------------------- learning
@@ -689,6 +695,7 @@ BAD = {
     "unknown device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "gpu"],
     "no such cuda device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:99"],
     "out is a file": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{text}"],
+    "seed out of range": ["--stage", "finetune", "--dataset", "cifar10", "--seed", "-1"],
     "bench given --out": ["--stage", "bench", "--device", "cpu"],          # it would write nothing there
 }
 
