@@ -114,13 +114,18 @@ def load_cifar(dataset, root, split):
             try:
                 with open(f, "rb") as fh:
                     batch = pickle.load(fh, encoding="latin1")
-                data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32))
-                labels += list(batch[spec["label_key"]])
+                rows = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
+                y = np.asarray(batch[spec["label_key"]], dtype=np.int64)
+                if y.shape != (len(rows),) or not ((y >= 0) & (y < spec["classes"])).all():
+                    raise ValueError(f"{y.size} labels in [0, {spec['classes']}) expected for {len(rows)} images")
+                data.append(rows)
+                labels.append(y)
             except Exception as e:
-                raise UsageError(f"{f} is not a CIFAR python batch ({type(e).__name__}); "
+                why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+                raise UsageError(f"{f} is not a CIFAR python batch ({why}); "
                                  f"delete it to download it again") from None
     images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)   # rows are R, G, B planes
-    return images, torch.tensor(labels, dtype=torch.int64)
+    return images, torch.from_numpy(np.concatenate(labels))
 
 
 def normalize(images):

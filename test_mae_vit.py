@@ -516,6 +516,17 @@ def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "data_batch_2" in err
     assert not out.exists()
+    for bad_labels in ([1] * 19, [1] * 19 + [10]):          # one label short; a class CIFAR-10 lacks
+        write_cifar(str(tmp_path))
+        batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+        d = pickle.loads(batch.read_bytes())
+        d["labels"] = bad_labels
+        batch.write_bytes(pickle.dumps(d))
+        assert M.main(["--stage", "finetune", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                       "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "data_batch_3" in err and "labels" in err
+        assert not out.exists()
 
 
 def test_bench_reports_true_macs(tmp_path):
