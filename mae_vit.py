@@ -1055,6 +1055,19 @@ def prepare_out(args, resume):
         raise UsageError(f"--out {args.out} cannot be created ({e.strerror})") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"--out {args.out} is not writable")
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    if resume and os.path.exists(metrics):
+        # A run killed between two checkpoints logged epochs that it now trains again: their
+        # lines go (as TensorBoard's purge_step does), so each epoch is logged once.
+        with open(metrics) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["epoch"] <= resume["epoch"]]
+        if len(kept) < len(lines):
+            print(f"note: {len(lines) - len(kept)} line(s) of {metrics} after epoch {resume['epoch']}, "
+                  f"the checkpoint's, are dropped: those epochs run again", file=sys.stderr, flush=True)
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics + ".tmp", metrics)
 
 
 def main(argv=None):

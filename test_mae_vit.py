@@ -591,8 +591,11 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert "conflicts" in err and len(err.strip().splitlines()) == 1
     assert M.main(["--stage", "finetune", "--dataset", "cifar10", "--out", out, "--resume"]) == 2
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:    # epoch 2 logged, then killed unsaved
+        f.write(json.dumps(dict(epoch=2, loss=-1.0)) + "\n" + '{"epoch": 3, "lo')
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--batch-size", "32"]) == 0
-    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    assert "2 line(s)" in capsys.readouterr().err
+    assert [r["epoch"] for r in metrics(out)] == [1, 2] and metrics(out)[1]["loss"] > 0   # trained again
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["epoch"] == 2
     capsys.readouterr()
     finished = open(os.path.join(out, "checkpoint.pth"), "rb").read()
