@@ -228,8 +228,8 @@ class RunBatches(torch.utils.data.Sampler):
         first_epoch, first_batch = self.first
         for epoch in range(first_epoch, self.epochs):
             order = epoch_order(self.n, self.seed, epoch).tolist()
-            base = (self.seed * 1_000_003 + epoch) * self.n % 2 ** 62   # the epoch's first draw's seed,
-                                                                          # < 2^63 as manual_seed needs
+            # Seed of the epoch's first draw, kept below the 2^63 that manual_seed accepts.
+            base = (self.seed * 1_000_003 + epoch) * self.n % 2 ** 62
             for b in range(first_batch if epoch == first_epoch else 0, self.n // self.batch_size):
                 yield [(order[i], base + i) for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
 
