@@ -288,7 +288,7 @@ def dropout(x, p, training):
 # two loops), each the fastest tried on an H200 (README): flash's 128-query tiles pad 145
 # to 256. Used from torch 2.11, the version measured.
 FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
-if torch.__version__ >= "2.11":
+if torch.__version__ >= "2.11":          # a TorchVersion: compared as a version, not as text
     from torch.nn.attention.flex_attention import flex_attention
 else:
     flex_attention = None
