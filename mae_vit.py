@@ -991,6 +991,8 @@ def resolve(args):
         if args.epochs == state["epoch"]:
             print(f"note: the run in {args.out} has done all its {args.epochs} epochs; nothing to "
                   f"train (a larger --epochs extends it)", file=sys.stderr, flush=True)
+    if args.stage in ("pretrain", "bench") and args.init:
+        raise UsageError("--init is for finetune and eval; a pretraining run continues with --out DIR --resume")
     if args.stage == "bench" and args.out is not None:
         raise UsageError("--stage bench writes no files (its result is the JSON line it prints last); drop --out")
     if args.stage != "bench" and args.dataset is None:

@@ -710,6 +710,7 @@ BAD = {
     "no such cuda device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:99"],
     "out is a file": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{text}"],
     "seed out of range": ["--stage", "finetune", "--dataset", "cifar10", "--seed", "-1"],
+    "pretrain given --init": ["--stage", "pretrain", "--dataset", "cifar10", "--init", "{pre}"],
     "bench given --out": ["--stage", "bench", "--device", "cpu"],          # it would write nothing there
 }
 
