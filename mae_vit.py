@@ -1046,7 +1046,8 @@ def resolve(args):
 
 
 def prepare_out(args, resume):
-    """Refuse an output folder that holds another run; called after all input checks."""
+    """Refuse an output folder that holds another run, or one that cannot be written; on
+    --resume, drop the log lines of epochs that will run again. Called after all input checks."""
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:
         raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); "
