@@ -240,15 +240,17 @@ def autoaugment_loader(images, labels, batch_size, seed, epochs, num_workers, pi
     sampler = RunBatches(len(images), batch_size, seed, epochs)
     loader = torch.utils.data.DataLoader(
         AutoAugmented(images, labels), batch_sampler=sampler,
-        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_sigint,
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
         prefetch_factor=4 if num_workers else None,
         generator=torch.Generator())          # its seed draw must not move the global RNG
     return loader, sampler
 
 
-def ignore_sigint(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which saves and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM, which often reach the whole process
+    group, to the main process: it saves and exits, and the loader then ends them."""
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------
@@ -546,18 +548,21 @@ def load_weights(module, state, path):
 # Training loop, shared by both stages: they differ in data, loss and lr groups only.
 # ----------------------------------------------------------------------------------
 class StopRequest:
-    """While active, Ctrl-C only sets a flag; the loop finishes its step, saves, exits."""
+    """While active, Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption notice) only sets
+    a flag; the loop finishes its step, saves and exits with 128 + the signal's number."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handler)
+        self.requested = None                             # the signal received, if any
+        self.previous = [signal.signal(s, self.handler) for s in self.SIGNALS]
         return self
 
     def handler(self, signum, frame):
-        self.requested = True
+        self.requested = signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, previous in zip(self.SIGNALS, self.previous):
+            signal.signal(s, previous)
 
 
 def make_optimizer(model, weight_decay, layer_decay, device):
@@ -614,10 +619,10 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
                              f"stopped without saving ({kept})")
 
     def stopped(epoch, batch):
-        print(f"interrupted after step {epoch * steps_per_epoch + batch} ({epoch} epochs done); "
-              f"checkpoint saved. Resume with: "
+        print(f"interrupted ({signal.Signals(stop.requested).name}) after step "
+              f"{epoch * steps_per_epoch + batch} ({epoch} epochs done); checkpoint saved. Resume with: "
               f"python mae_vit.py --stage {args.stage} --out {args.out} --resume", flush=True)
-        raise SystemExit(130)
+        raise SystemExit(128 + stop.requested)           # 130 for Ctrl-C, 143 for SIGTERM
 
     t_start, done_epochs, loss, accuracy = time.time(), 0, None, None
     model.train()

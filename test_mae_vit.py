@@ -542,22 +542,25 @@ def test_bench_reports_true_macs(tmp_path):
 
 
 # ---------------------------------------------------------------- long runs: resume, signals, guards
-def interrupted_run(args, out, after_lines=1):
-    """Starts the CLI, sends SIGINT once metrics.jsonl has `after_lines` lines, waits."""
+def interrupted_run(args, out, sig=signal.SIGINT, after_lines=1):
+    """Starts the CLI in its own process group, sends `sig` to the whole group (DataLoader
+    workers included, as a terminal's Ctrl-C or a cluster's pre-emption does) once
+    metrics.jsonl has `after_lines` lines, waits."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mae_vit.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True)
     path, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(path) and len(open(path).readlines()) >= after_lines:
-            proc.send_signal(signal.SIGINT)
+            os.killpg(proc.pid, sig)
             break
         time.sleep(0.02)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage):
+@pytest.mark.parametrize("stage, sig", [("pretrain", signal.SIGINT), ("finetune", signal.SIGTERM)])
+def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage, sig):
     data = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)     # 40 images: 5 steps of 8
     common = ["--stage", stage, "--dataset", "cifar10", "--data-dir", data, "--epochs", "4",
               "--warmup-epochs", "1", "--batch-size", "8", "--seed", "3"]
@@ -565,8 +568,9 @@ def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage):
         common += ["--num-workers", "1"]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     expected = summary(run_cli(*common, "--out", straight))
-    rc, stdout, stderr = interrupted_run([*common, "--out", broken], broken)
-    assert rc == 130, stdout + stderr
+    rc, stdout, stderr = interrupted_run([*common, "--out", broken], broken, sig)
+    assert rc == 128 + sig, stdout + stderr                 # 130 for SIGINT, 143 for SIGTERM
+    assert f"interrupted ({sig.name})" in stdout
     assert f"--out {broken} --resume" in stdout
     ckpt = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
     assert 0 < ckpt["step"] < 4 * 5                                   # really cut short
