@@ -1067,9 +1067,20 @@ def prepare_out(args, resume):
     if resume and os.path.exists(metrics):
         # A run killed between two checkpoints logged epochs that it now trains again: their
         # lines go (as TensorBoard's purge_step does), so each epoch is logged once.
+        def epoch_of(number, line):
+            try:
+                epoch = json.loads(line)["epoch"]
+            except (ValueError, KeyError, TypeError):
+                epoch = None
+            if not isinstance(epoch, int):
+                raise UsageError(f"line {number} of {metrics} is not an epoch's record; "
+                                 f"remove or fix it to resume")
+            return epoch
+
         with open(metrics) as f:
             lines = f.readlines()
-        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["epoch"] <= resume["epoch"]]
+        kept = [line for number, line in enumerate(lines, 1)
+                if line.endswith("\n") and epoch_of(number, line) <= resume["epoch"]]
         if len(kept) < len(lines):
             print(f"note: {len(lines) - len(kept)} line(s) of {metrics} after epoch {resume['epoch']}, "
                   f"the checkpoint's, are dropped: those epochs run again", file=sys.stderr, flush=True)

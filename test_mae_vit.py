@@ -617,6 +617,12 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     torch.save(state, mid / "checkpoint.pth")
     assert M.main(["--stage", "pretrain", "--out", str(mid), "--resume", "--epochs", "1"]) == 2
     assert "fewer than the 2 already begun" in capsys.readouterr().err
+    log = '{"epoch": 1, "loss": 0.5}\nedited by hand\n'     # a damaged log: refused, kept as it is
+    (mid / "metrics.jsonl").write_text(log)
+    assert M.main(["--stage", "pretrain", "--out", str(mid), "--resume", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2 of" in err and len(err.strip().splitlines()) == 1
+    assert (mid / "metrics.jsonl").read_text() == log
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
