@@ -549,7 +549,8 @@ def load_weights(module, state, path):
 # ----------------------------------------------------------------------------------
 class StopRequest:
     """While active, Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption notice) only sets
-    a flag; the loop finishes its step, saves and exits with 128 + the signal's number."""
+    a flag; the loop finishes its step, saves and exits with 128 + the signal's number.
+    The same signal a second time acts at once (checkpoints are written atomically)."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
@@ -559,6 +560,9 @@ class StopRequest:
 
     def handler(self, signum, frame):
         self.requested = signum
+        signal.signal(signum, self.previous[self.SIGNALS.index(signum)])
+        print(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+              f"(send it again to quit at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, previous in zip(self.SIGNALS, self.previous):

@@ -559,6 +559,17 @@ def interrupted_run(args, out, sig=signal.SIGINT, after_lines=1):
     return proc.returncode, stdout, stderr
 
 
+def test_stop_signal_sets_a_flag_and_a_second_one_acts_at_once(capsys):
+    before = signal.getsignal(signal.SIGINT)
+    with M.StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested == signal.SIGINT
+        assert "send it again" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):                  # Python's own Ctrl-C
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.parametrize("stage, sig", [("pretrain", signal.SIGINT), ("finetune", signal.SIGTERM)])
 def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage, sig):
     data = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)     # 40 images: 5 steps of 8
