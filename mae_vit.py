@@ -555,17 +555,17 @@ class StopRequest:
 
     def __enter__(self):
         self.requested = None                             # the signal received, if any
-        self.previous = [signal.signal(s, self.handler) for s in self.SIGNALS]
+        self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
         return self
 
     def handler(self, signum, frame):
         self.requested = signum
-        signal.signal(signum, self.previous[self.SIGNALS.index(signum)])
+        signal.signal(signum, self.previous[signum])
         print(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
               f"(send it again to quit at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        for s, previous in zip(self.SIGNALS, self.previous):
+        for s, previous in self.previous.items():
             signal.signal(s, previous)
 
 
