@@ -561,8 +561,10 @@ class StopRequest:
     def handler(self, signum, frame):
         self.requested = signum
         signal.signal(signum, self.previous[signum])
-        print(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-              f"(send it again to quit at once)", file=sys.stderr, flush=True)
+        # os.write, not print: a handler that prints while the program is printing to the
+        # same stream fails with "reentrant call".
+        os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                    f"(send it again to quit at once)\n".encode())
 
     def __exit__(self, *exc):
         for s, previous in self.previous.items():

@@ -559,12 +559,12 @@ def interrupted_run(args, out, sig=signal.SIGINT, after_lines=1):
     return proc.returncode, stdout, stderr
 
 
-def test_stop_signal_sets_a_flag_and_a_second_one_acts_at_once(capsys):
+def test_stop_signal_sets_a_flag_and_a_second_one_acts_at_once(capfd):
     before = signal.getsignal(signal.SIGINT)
     with M.StopRequest() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.requested == signal.SIGINT
-        assert "send it again" in capsys.readouterr().err
+        assert "send it again" in capfd.readouterr().err
         with pytest.raises(KeyboardInterrupt):                  # Python's own Ctrl-C
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
@@ -581,7 +581,7 @@ def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage, sig
     expected = summary(run_cli(*common, "--out", straight))
     rc, stdout, stderr = interrupted_run([*common, "--out", broken], broken, sig)
     assert rc == 128 + sig, stdout + stderr                 # 130 for SIGINT, 143 for SIGTERM
-    assert f"interrupted ({sig.name})" in stdout
+    assert f"interrupted ({sig.name})" in stdout and f"{sig.name}: saving a checkpoint" in stderr
     assert f"--out {broken} --resume" in stdout
     ckpt = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
     assert 0 < ckpt["step"] < 4 * 5                                   # really cut short
