@@ -111,21 +111,26 @@ def load_cifar(dataset, root, split):
                                  f"and the download failed ({type(e).__name__}); place the CIFAR "
                                  f"python batches there or run once with internet access") from None
         for f in files:
-            try:
-                with open(f, "rb") as fh:
-                    batch = pickle.load(fh, encoding="latin1")
-                rows = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
-                y = np.asarray(batch[spec["label_key"]], dtype=np.int64)
-                if y.shape != (len(rows),) or not ((y >= 0) & (y < spec["classes"])).all():
-                    raise ValueError(f"{y.size} labels in [0, {spec['classes']}) expected for {len(rows)} images")
-                data.append(rows)
-                labels.append(y)
-            except Exception as e:
-                why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-                raise UsageError(f"{f} is not a CIFAR python batch ({why}); "
-                                 f"delete it to download it again") from None
+            rows, y = read_cifar_batch(f, spec)
+            data.append(rows)
+            labels.append(y)
     images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)   # rows are R, G, B planes
     return images, torch.from_numpy(np.concatenate(labels))
+
+
+def read_cifar_batch(path, spec):
+    """One pickled CIFAR batch -> uint8 rows (N, 3072) and int64 labels (N,), checked."""
+    try:
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        rows = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
+        y = np.asarray(batch[spec["label_key"]], dtype=np.int64)
+        if y.shape != (len(rows),) or not ((y >= 0) & (y < spec["classes"])).all():
+            raise ValueError(f"{y.size} labels in [0, {spec['classes']}) expected for {len(rows)} images")
+        return rows, y
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise UsageError(f"{path} is not a CIFAR python batch ({why}); delete it to download it again") from None
 
 
 def normalize(images):
