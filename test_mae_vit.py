@@ -709,37 +709,46 @@ def checkpoints(data, tmp_path_factory):
     return dict(pre=pre, ft=ft, text=text, evil=evil, marker=marker, other=other, used=str(root))
 
 
+# case: (what follows --stage, part of the one-line error it must give). The part names
+# the check, so that a case stopped by some other check fails.
 BAD = {
-    "unknown stage": ["--stage", "train", "--dataset", "cifar10"],
-    "unknown dataset": ["--stage", "pretrain", "--dataset", "imagenet"],
-    "missing init": ["--stage", "finetune", "--dataset", "cifar10", "--init", "{root}/nothing.pth"],
-    "init not a checkpoint": ["--stage", "finetune", "--dataset", "cifar10", "--init", "{text}"],
-    "init runs code": ["--stage", "eval", "--init", "{evil}"],
-    "finetune from finetuned": ["--stage", "finetune", "--dataset", "cifar100", "--init", "{ft}"],
-    "eval with wrong classes": ["--stage", "eval", "--dataset", "cifar100", "--init", "{ft}"],
-    "other architecture": ["--stage", "finetune", "--dataset", "cifar10", "--init", "{other}"],
-    "mask ratio above 1": ["--stage", "pretrain", "--dataset", "cifar10", "--mask-ratio", "1.5"],
-    "mask ratio 0": ["--stage", "pretrain", "--dataset", "cifar10", "--mask-ratio", "0"],
-    "no visible patch": ["--stage", "pretrain", "--dataset", "cifar10", "--mask-ratio", "0.999"],
-    "batch size 0": ["--stage", "pretrain", "--dataset", "cifar10", "--batch-size", "0"],
-    "batch above data": ["--stage", "pretrain", "--dataset", "cifar10", "--batch-size", "1000"],
-    "negative epochs": ["--stage", "finetune", "--dataset", "cifar10", "--epochs", "-1"],
-    "zero lr": ["--stage", "pretrain", "--dataset", "cifar10", "--base-lr", "0"],
-    "out holds a run": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{used}/pre"],
-    "resume nothing": ["--stage", "pretrain", "--dataset", "cifar10", "--resume"],
-    "unknown device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "gpu"],
-    "no such cuda device": ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:99"],
-    "out is a file": ["--stage", "pretrain", "--dataset", "cifar10", "--out", "{text}"],
-    "seed out of range": ["--stage", "finetune", "--dataset", "cifar10", "--seed", "-1"],
-    "pretrain given --init": ["--stage", "pretrain", "--dataset", "cifar10", "--init", "{pre}"],
-    "bench given --out": ["--stage", "bench", "--device", "cpu"],          # it would write nothing there
+    "unknown stage": ("train --dataset cifar10", "invalid choice: 'train'"),
+    "unknown dataset": ("pretrain --dataset imagenet", "invalid choice: 'imagenet'"),
+    "missing init": ("finetune --dataset cifar10 --init {root}/nothing.pth", "does not exist"),
+    "init not a checkpoint": ("finetune --dataset cifar10 --init {text}", "is not a checkpoint"),
+    "init runs code": ("eval --init {evil}", "is not a checkpoint"),
+    "finetune from finetuned": ("finetune --dataset cifar100 --init {ft}", "is a finetune checkpoint"),
+    "eval with wrong classes": ("eval --dataset cifar100 --init {ft}", "classifies 10 classes"),
+    "other architecture": ("finetune --dataset cifar10 --init {other}", "does not match this architecture"),
+    "mask ratio above 1": ("pretrain --dataset cifar10 --mask-ratio 1.5", "--mask-ratio 1.5 must be"),
+    "mask ratio 0": ("pretrain --dataset cifar10 --mask-ratio 0", "--mask-ratio 0.0 must be"),
+    "no visible patch": ("pretrain --dataset cifar10 --mask-ratio 0.999", "--mask-ratio 0.999 must be"),
+    "batch size 0": ("pretrain --dataset cifar10 --batch-size 0", "--batch-size must be positive"),
+    "batch above data": ("pretrain --dataset cifar10 --batch-size 1000", "larger than the 100 training images"),
+    "negative epochs": ("finetune --dataset cifar10 --epochs -1", "--epochs must be positive"),
+    "zero lr": ("pretrain --dataset cifar10 --base-lr 0", "--base-lr must be positive"),
+    "save every 0 epochs": ("pretrain --dataset cifar10 --save-every 0", "--save-every must be positive"),
+    "negative warm-up": ("pretrain --dataset cifar10 --warmup-epochs -1", "--warmup-epochs must not be negative"),
+    "negative alpha": ("pretrain --dataset cifar10 --alpha -0.1", "--alpha must not be negative"),
+    "negative workers": ("finetune --dataset cifar10 --num-workers -1", "--num-workers must not be negative"),
+    "layer decay above 1": ("finetune --dataset cifar10 --layer-decay 1.5", "--layer-decay must be in (0, 1]"),
+    "min lr above the peak": ("pretrain --dataset cifar10 --min-lr 0.01", "is above the peak lr"),
+    "out holds a run": ("pretrain --dataset cifar10 --out {used}/pre --batch-size 32", "already holds a run"),
+    "resume nothing": ("pretrain --dataset cifar10 --resume", "does not exist"),
+    "unknown device": ("pretrain --dataset cifar10 --device gpu", "is not a device name"),
+    "no such cuda device": ("pretrain --dataset cifar10 --device cuda:99", "CUDA device"),
+    "out is a file": ("pretrain --dataset cifar10 --out {text} --batch-size 32", "cannot be created"),
+    "seed out of range": ("finetune --dataset cifar10 --seed -1", "--seed must be in [0, 2^32)"),
+    "pretrain given --init": ("pretrain --dataset cifar10 --init {pre}", "--init is for finetune and eval"),
+    "bench given --out": ("bench --device cpu", "writes no files"),          # it would write nothing there
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data, tmp_path, capsys):
     paths = dict(checkpoints, root=str(tmp_path))
-    argv = [a.format(**paths) for a in BAD[case]]
+    arguments, message = BAD[case]
+    argv = ["--stage", *arguments.format(**paths).split()]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     before = sorted(os.listdir(checkpoints["used"] + "/pre"))
@@ -750,6 +759,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err
+    assert message in err
     assert not (tmp_path / "out").exists()
     assert sorted(os.listdir(checkpoints["used"] + "/pre")) == before
     assert not os.path.exists(checkpoints["marker"])
