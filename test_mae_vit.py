@@ -730,6 +730,7 @@ BAD = {
     "save every 0 epochs": ("pretrain --dataset cifar10 --save-every 0", "--save-every must be positive"),
     "negative warm-up": ("pretrain --dataset cifar10 --warmup-epochs -1", "--warmup-epochs must not be negative"),
     "negative alpha": ("pretrain --dataset cifar10 --alpha -0.1", "--alpha must not be negative"),
+    "negative weight decay": ("finetune --dataset cifar10 --weight-decay -1", "--weight-decay must not be negative"),
     "negative workers": ("finetune --dataset cifar10 --num-workers -1", "--num-workers must not be negative"),
     "layer decay above 1": ("finetune --dataset cifar10 --layer-decay 1.5", "--layer-decay must be in (0, 1]"),
     "min lr above the peak": ("pretrain --dataset cifar10 --min-lr 0.01", "is above the peak lr"),
