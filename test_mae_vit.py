@@ -770,6 +770,7 @@ def test_bad_input_from_the_shell_has_no_traceback(checkpoints, data, tmp_path):
     r = run_cli("--stage", "finetune", "--dataset", "cifar10", "--init", checkpoints["text"],
                 "--data-dir", data, "--out", str(tmp_path / "out"), check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "notes.txt is not a checkpoint" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -787,13 +788,14 @@ def test_cpu_dropout_keeps_one_minus_p_and_rescales():
     assert rows.std() > 0.005 and (rows - 0.5).abs().max() < 0.08    # no repeated masks
 
 
-def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path, monkeypatch):
+def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert M.main(["--stage", "eval", "--init", checkpoints["pre"], "--data-dir", data]) == 0
     assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 0
     assert (tmp_path / "runs" / "eval-pretrain-cifar10" / "reconstructions.png").exists()
     assert len(metrics(str(tmp_path / "runs" / "eval-finetune-cifar10"))) == 1
     assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 2   # no overwrite
+    assert "runs/eval-finetune-cifar10 already holds a run" in capsys.readouterr().err
 
 
 def fake_gpu(monkeypatch, capability):
