@@ -749,7 +749,7 @@ BAD = {
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data, tmp_path, capsys):
     paths = dict(checkpoints, root=str(tmp_path))
     arguments, message = BAD[case]
-    argv = ["--stage", *arguments.format(**paths).split()]
+    argv = ["--stage", *(a.format(**paths) for a in arguments.split())]   # paths may hold spaces
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     before = sorted(os.listdir(checkpoints["used"] + "/pre"))
