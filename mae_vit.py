@@ -76,6 +76,16 @@ FINETUNE = dict(                     # Table 2
 )
 EVAL = dict(batch_size=1000)         # evaluation only: the largest batch that divides the test set is used
 RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": EVAL, "bench": {}}
+# Recipe flags that a stage never reads. Giving one is refused rather than ignored, so
+# that no one believes a run used a value it never saw (eval of a finetune checkpoint
+# also refuses --mask-ratio and --alpha: a classifier has no mask and no Eq. 1).
+UNUSED = {
+    "pretrain": (),
+    "finetune": ("mask_ratio", "alpha"),
+    "eval": ("epochs", "warmup_epochs", "base_lr", "weight_decay", "min_lr", "layer_decay", "save_every"),
+    "bench": ("dataset", "epochs", "warmup_epochs", "base_lr", "weight_decay", "min_lr", "mask_ratio",
+              "alpha", "layer_decay", "save_every"),
+}
 
 
 class UsageError(Exception):
@@ -968,7 +978,7 @@ def parse_args(argv=None):
     p.add_argument("--layer-decay", type=float, help="fine-tuning layer-wise lr decay; Table 2: 0.75")
     p.add_argument("--init", help="finetune: pretrain checkpoint (absent: from scratch); eval: checkpoint to evaluate")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pth")
-    p.add_argument("--save-every", type=int, default=20, help="epochs between checkpoints, and at the end (default 20)")
+    p.add_argument("--save-every", type=int, help="epochs between checkpoints, and at the end (default 20)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda when available, else cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for cuda, except eval)")
@@ -983,11 +993,17 @@ def resolve(args):
     """Fill what was not given: from the run being resumed, then from Table 1 / Table 2.
     Validates everything before anything is written."""
     state = None                  # the checkpoint this run starts from, read once
+    unused, where = UNUSED[args.stage], f"--stage {args.stage}"
     if args.stage == "eval":
         if not args.init:
             raise UsageError("--stage eval needs --init CHECKPOINT")
         state = load_checkpoint(args.init)
         args.dataset = args.dataset or state["args"]["dataset"]
+        if state["stage"] == "finetune":
+            unused, where = unused + UNUSED["finetune"], "eval of a finetune checkpoint"
+    for key in unused:
+        if getattr(args, key) is not None:
+            raise UsageError(f"--{key.replace('_', '-')} has no effect on {where}; drop it")
     if args.resume:
         if args.stage not in ("pretrain", "finetune") or args.out is None:
             raise UsageError("--resume continues the pretrain or finetune run in --out DIR")
@@ -1023,6 +1039,7 @@ def resolve(args):
             setattr(args, key, value)
     args.data_dir = args.data_dir or "./data"
     args.min_lr = args.min_lr or 0.0
+    args.save_every = 20 if args.save_every is None else args.save_every
     args.seed = args.seed or 0
     try:
         device = torch.device(args.device)

@@ -742,6 +742,13 @@ BAD = {
     "seed out of range": ("finetune --dataset cifar10 --seed -1", "--seed must be in [0, 2^32)"),
     "pretrain given --init": ("pretrain --dataset cifar10 --init {pre}", "--init is for finetune and eval"),
     "bench given --out": ("bench --device cpu", "writes no files"),          # it would write nothing there
+    # flags a stage never reads are refused, not silently dropped
+    "finetune given --alpha": ("finetune --dataset cifar10 --alpha 0.2", "--alpha has no effect on --stage finetune"),
+    "finetune given --mask-ratio": ("finetune --dataset cifar10 --mask-ratio 0.5", "--mask-ratio has no effect"),
+    "eval given --epochs": ("eval --init {pre} --epochs 5", "--epochs has no effect on --stage eval"),
+    "eval given --save-every": ("eval --init {pre} --save-every 5", "--save-every has no effect"),
+    "eval of a classifier given --alpha": ("eval --init {ft} --alpha 0", "no effect on eval of a finetune checkpoint"),
+    "bench given --dataset": ("bench --dataset cifar100", "--dataset has no effect on --stage bench"),
 }
 
 
@@ -786,6 +793,19 @@ def test_cpu_dropout_keeps_one_minus_p_and_rescales():
     assert torch.equal(M.dropout(x, 0.1, False), x)
     rows = (M.dropout(torch.ones(64, 1000), 0.5, True) != 0).float().mean(1)
     assert rows.std() > 0.005 and (rows - 0.5).abs().max() < 0.08    # no repeated masks
+
+
+def test_eval_of_a_pretrain_checkpoint_reads_mask_ratio_and_alpha(checkpoints, data, tmp_path):
+    """The flags eval refuses for a classifier are the ones it uses for a pre-trained MAE."""
+    def eval_loss(*flags):
+        out = str(tmp_path / f"ev{len(os.listdir(tmp_path))}")
+        assert M.main(["--stage", "eval", "--init", checkpoints["pre"], "--data-dir", data, "--out", out, *flags]) == 0
+        return metrics(out)[0]["test_loss"]
+
+    default = eval_loss()
+    assert eval_loss("--alpha", "0.1", "--mask-ratio", "0.75") == pytest.approx(default)   # the run's own values
+    assert eval_loss("--alpha", "0") != pytest.approx(default)
+    assert eval_loss("--mask-ratio", "0.5") != pytest.approx(default)
 
 
 def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path, monkeypatch, capsys):
