@@ -67,6 +67,14 @@ def summary(r):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def run_main(capsys, *args):
+    """The CLI in this process: main() as `python mae_vit.py` runs it, without the ~5 s of
+    a new interpreter importing torch. Returns the JSON summary and the rest of stdout."""
+    assert M.main(list(args)) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
+
+
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -484,25 +492,25 @@ def test_pretrain_finetune_eval_end_to_end(data, tmp_path):
     assert Image.open(e["reconstructions"]).size == (6 * 38 + 2, 4 * 38 + 2)  # 8 triplets, 2 a row
 
 
-def test_cross_dataset_and_merged_pretraining(tmp_path):
+def test_cross_dataset_and_merged_pretraining(tmp_path, capsys):
     root = write_cifar(str(tmp_path / "data"))
     write_cifar(root, "cifar100", per_batch=20, test=40)
     pre = str(tmp_path / "pre")
-    r = run_cli("--stage", "pretrain", "--dataset", "cifar10+cifar100", "--data-dir", root, "--out", pre,
-                "--epochs", "1", "--batch-size", "64")
-    assert summary(r)["dataset"] == "cifar10+cifar100"
-    r = run_cli("--stage", "finetune", "--dataset", "cifar100", "--data-dir", root, "--out", str(tmp_path / "ft"),
-                "--init", os.path.join(pre, "checkpoint.pth"), "--epochs", "1", "--batch-size", "50",
-                "--num-workers", "0")
-    assert "parameters: 3,653,860" in r.stdout
+    s, _ = run_main(capsys, "--stage", "pretrain", "--dataset", "cifar10+cifar100", "--data-dir", root,
+                    "--out", pre, "--epochs", "1", "--batch-size", "64")
+    assert s["dataset"] == "cifar10+cifar100"
+    _, out = run_main(capsys, "--stage", "finetune", "--dataset", "cifar100", "--data-dir", root,
+                      "--out", str(tmp_path / "ft"), "--init", os.path.join(pre, "checkpoint.pth"),
+                      "--epochs", "1", "--batch-size", "50", "--num-workers", "0")
+    assert "parameters: 3,653,860" in out
 
 
-def test_missing_data_is_one_line_and_exit_2(tmp_path):
+def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "out"
-    r = run_cli("--stage", "pretrain", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
-                "--out", str(out), check=False)
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and "cifar-100-python" in r.stderr
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none"),
+                   "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cifar-100-python" in err
     assert not out.exists()
 
 
@@ -529,9 +537,9 @@ def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
         assert not out.exists()
 
 
-def test_bench_reports_true_macs(tmp_path):
-    r = run_cli("--stage", "bench", "--device", "cpu", "--batch-size", "8", "--num-workers", "0", "--amp")
-    s = summary(r)
+def test_bench_reports_true_macs(capsys):
+    s, _ = run_main(capsys, "--stage", "bench", "--device", "cpu", "--batch-size", "8", "--num-workers", "0",
+                    "--amp")
     assert set(s["loss_rel_diff_vs_fp32"]) == {"pretrain", "finetune"}
     assert all(0 < d < 0.02 for d in s["loss_rel_diff_vs_fp32"].values())  # bf16 close to fp32
     assert s["macs_per_image"] / 1e9 == pytest.approx(0.616, abs=0.005)     # true MACs, not 0.26
@@ -571,21 +579,21 @@ def test_stop_signal_sets_a_flag_and_a_second_one_acts_at_once(capfd):
 
 
 @pytest.mark.parametrize("stage, sig", [("pretrain", signal.SIGINT), ("finetune", signal.SIGTERM)])
-def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, stage, sig):
+def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, capsys, stage, sig):
     data = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)     # 40 images: 5 steps of 8
     common = ["--stage", stage, "--dataset", "cifar10", "--data-dir", data, "--epochs", "4",
               "--warmup-epochs", "1", "--batch-size", "8", "--seed", "3"]
     if stage == "finetune":
         common += ["--num-workers", "1"]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
-    expected = summary(run_cli(*common, "--out", straight))
+    expected, _ = run_main(capsys, *common, "--out", straight)
     rc, stdout, stderr = interrupted_run([*common, "--out", broken], broken, sig)
     assert rc == 128 + sig, stdout + stderr                 # 130 for SIGINT, 143 for SIGTERM
     assert f"interrupted ({sig.name})" in stdout and f"{sig.name}: saving a checkpoint" in stderr
     assert f"--out {broken} --resume" in stdout
     ckpt = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
     assert 0 < ckpt["step"] < 4 * 5                                   # really cut short
-    resumed = summary(run_cli("--stage", stage, "--out", broken, "--resume"))   # args from the checkpoint
+    resumed, _ = run_main(capsys, "--stage", stage, "--out", broken, "--resume")   # args from the checkpoint
     assert resumed["final_loss"] == expected["final_loss"]
     assert resumed.get("test_accuracy") == expected.get("test_accuracy")
     a = torch.load(os.path.join(straight, "checkpoint.pth"), weights_only=True)
