@@ -541,7 +541,7 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -958,6 +958,15 @@ def bench(args):
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
+def finite(text):
+    """argparse type of the real-valued flags: a NaN or infinite lr, decay, ratio or alpha
+    is refused here rather than found as a non-finite loss an epoch later."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset recipe values come from Table 1 (pretrain) or Table 2 (finetune).")
@@ -970,12 +979,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="Table 1: 4000, Table 2: 300")
     p.add_argument("--warmup-epochs", type=int, help="Table 1: 400, Table 2: 20")
     p.add_argument("--batch-size", type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000")
-    p.add_argument("--base-lr", type=float, help="Eq. 2 base; Table 1: 1.5e-4, Table 2: 1e-3")
-    p.add_argument("--weight-decay", type=float, help="AdamW; Tables 1-2: 0.05")
-    p.add_argument("--min-lr", type=float, help="cosine floor, absolute; §5 suggests ~20%% of the peak (default 0)")
-    p.add_argument("--mask-ratio", type=float, help="§2: 0.75")
-    p.add_argument("--alpha", type=float, help="Eq. 1 discount on visible patches; Table 1: 0.1")
-    p.add_argument("--layer-decay", type=float, help="fine-tuning layer-wise lr decay; Table 2: 0.75")
+    p.add_argument("--base-lr", type=finite, help="Eq. 2 base; Table 1: 1.5e-4, Table 2: 1e-3")
+    p.add_argument("--weight-decay", type=finite, help="AdamW; Tables 1-2: 0.05")
+    p.add_argument("--min-lr", type=finite, help="cosine floor, absolute; §5 suggests ~20%% of the peak (default 0)")
+    p.add_argument("--mask-ratio", type=finite, help="§2: 0.75")
+    p.add_argument("--alpha", type=finite, help="Eq. 1 discount on visible patches; Table 1: 0.1")
+    p.add_argument("--layer-decay", type=finite, help="fine-tuning layer-wise lr decay; Table 2: 0.75")
     p.add_argument("--init", help="finetune: pretrain checkpoint (absent: from scratch); eval: checkpoint to evaluate")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pth")
     p.add_argument("--save-every", type=int, help="epochs between checkpoints, and at the end (default 20)")
