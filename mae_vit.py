@@ -531,6 +531,7 @@ def param_groups(model, weight_decay, layer_decay):
 # ----------------------------------------------------------------------------------
 RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr",
             "warmup_epochs", "mask_ratio", "alpha", "layer_decay", "seed", "init")
+CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "batch", "step", "args", "rng_cpu", "rng_cuda"}
 
 
 def save_checkpoint(path, **state):
@@ -540,23 +541,31 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path):
+    """A checkpoint written by this program, checked before anything uses it: the keys
+    that resume and eval read, and weights of this architecture's names and shapes."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a checkpoint this program can read ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"stage", "model", "args"} <= ckpt.keys():
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if (not isinstance(args, dict) or not CHECKPOINT_KEYS <= ckpt.keys()
+            or not {*RUN_ARGS, "epochs", "data_dir"} <= args.keys() or args["stage"] != ckpt["stage"]
+            or args["dataset"] not in (CIFAR if ckpt["stage"] == "finetune" else DATASETS)
+            or not isinstance(ckpt["model"], dict) or not all(isinstance(ckpt[k], int) for k in ("epoch", "batch"))):
         raise UsageError(f"{path} is not a mae_vit checkpoint")
+    with torch.device("meta"):                    # shapes only: no memory, no random draws
+        model = MAE() if ckpt["stage"] == "pretrain" else Classifier(CIFAR[args["dataset"]]["classes"])
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__ for k, v in ckpt["model"].items()}
+    why = ([f"no {k}" for k in sorted(expected.keys() - found.keys())]
+           + [f"unexpected {k}" for k in sorted(found.keys() - expected.keys())]
+           + [f"{k} is {found[k]}, not {v}" for k, v in expected.items() if found.get(k, v) != v])
+    if why:
+        more = f" and {len(why) - 1} more" if len(why) > 1 else ""
+        raise UsageError(f"{path} does not match this architecture ({why[0]}{more})")
     return ckpt
-
-
-def load_weights(module, state, path):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise UsageError(f"{path} does not match this architecture "
-                         f"({str(e).splitlines()[0].strip()})") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -784,8 +793,8 @@ def finetune(args, resume):
         if ckpt["stage"] != "pretrain":
             raise UsageError(f"--init {args.init} is a {ckpt['stage']} checkpoint; fine-tuning "
                              f"starts from a pretrain checkpoint (continue a run with --resume)")
-        encoder = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-        load_weights(model.encoder, encoder, args.init)
+        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in ckpt["model"].items()
+                                       if k.startswith("encoder.")})
     images, labels = load_cifar(args.dataset, args.data_dir, "train")
     test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
     steps = steps_per_epoch(len(images), args.batch_size)
@@ -830,7 +839,7 @@ def evaluate_stage(args, ckpt):
         model = Classifier(classes)
     else:
         model = MAE(args.mask_ratio or trained["mask_ratio"], args.alpha if args.alpha is not None else trained["alpha"])
-    load_weights(model, ckpt["model"], args.init)
+    model.load_state_dict(ckpt["model"])
     images, labels = load_cifar(args.dataset, args.data_dir, "test")
     prepare_out(args, None)
     model = model.to(device)

@@ -714,7 +714,17 @@ def checkpoints(data, tmp_path_factory):
     state = torch.load(pre, weights_only=True)
     state["model"]["encoder.pos_embed"] = torch.zeros(65, 192)       # a 32x32 / 4x4 model
     torch.save(state, other)
-    return dict(pre=pre, ft=ft, text=text, evil=evil, marker=marker, other=other, used=str(root))
+    broken = root / "broken"                          # a run folder whose checkpoint was swapped
+    broken.mkdir()
+    torch.save(state, broken / "checkpoint.pth")
+    headless = str(root / "headless.pth")             # a classifier that lost its head
+    state = torch.load(ft, weights_only=True)
+    del state["model"]["head.weight"]
+    torch.save(state, headless)
+    forged = str(root / "forged.pth")                 # the top-level keys, none of the contents
+    torch.save({"stage": "finetune", "model": {}, "args": {}}, forged)
+    return dict(pre=pre, ft=ft, text=text, evil=evil, marker=marker, other=other, used=str(root),
+                broken=str(broken), headless=headless, forged=forged)
 
 
 # case: (what follows --stage, part of the one-line error it must give). The part names
@@ -728,7 +738,11 @@ BAD = {
     "init runs code": ("eval --init {evil}", "is not a checkpoint"),
     "finetune from finetuned": ("finetune --dataset cifar100 --init {ft}", "is a finetune checkpoint"),
     "eval with wrong classes": ("eval --dataset cifar100 --init {ft}", "classifies 10 classes"),
-    "other architecture": ("finetune --dataset cifar10 --init {other}", "does not match this architecture"),
+    "other architecture": ("finetune --dataset cifar10 --init {other}",
+                           "does not match this architecture (encoder.pos_embed is (65, 192), not (145, 192))"),
+    "eval of a headless classifier": ("eval --init {headless}", "does not match this architecture (no head.weight)"),
+    "resume a swapped checkpoint": ("pretrain --out {broken} --resume", "does not match this architecture"),
+    "init of a forged checkpoint": ("eval --init {forged}", "forged.pth is not a mae_vit checkpoint"),
     "mask ratio above 1": ("pretrain --dataset cifar10 --mask-ratio 1.5", "--mask-ratio 1.5 must be"),
     "mask ratio 0": ("pretrain --dataset cifar10 --mask-ratio 0", "--mask-ratio 0.0 must be"),
     "no visible patch": ("pretrain --dataset cifar10 --mask-ratio 0.999", "--mask-ratio 0.999 must be"),
