@@ -621,6 +621,12 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
     opt = make_optimizer(model, args.weight_decay, args.layer_decay, device)
     peak = peak_lr(args.base_lr, args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    own = (f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain"
+           else f"layer decay {args.layer_decay:g}")
+    print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} "
+          f"({steps_per_epoch} steps per epoch), peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x "
+          f"{args.batch_size} / 256), weight decay {args.weight_decay:g}, {own}; {args.device}, "
+          f"compile {'on' if args.compile else 'off'}, bf16 {'on' if args.amp else 'off'}", flush=True)
     if args.warmup_epochs >= args.epochs:         # e.g. a short run with Table 1's 400 epochs
         print(f"note: the warm-up ({args.warmup_epochs} epochs) is not shorter than the run "
               f"({args.epochs}), so the lr never reaches its peak; set --warmup-epochs",

@@ -465,7 +465,8 @@ def test_pretrain_finetune_eval_end_to_end(data, tmp_path):
     assert [row["epoch"] for row in rows] == [1, 2]
     assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
     assert all(row["images_per_s"] > 0 and row["seconds"] > 0 for row in rows)
-    assert len(r.stdout.strip().splitlines()) == 4 and "ETA" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 5 and "ETA" in r.stdout    # parameters, recipe, 2 epochs, JSON
+    assert r.stdout.splitlines()[1].startswith("recipe: epochs 2 (warm-up 1), batch 16")
     assert "note:" not in r.stderr                                   # warm-up 1 of 2 epochs
     ckpt = torch.load(os.path.join(pre, "checkpoint.pth"), weights_only=True)
     assert ckpt["stage"] == "pretrain" and ckpt["epoch"] == 2 and "optimizer" in ckpt
@@ -608,7 +609,10 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
                    "--epochs", "1", "--batch-size", "32"]) == 0
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
-    assert "never reaches its peak" in capsys.readouterr().err      # 1 epoch, Table 1's 400 warm-up
+    printed = capsys.readouterr()
+    assert "never reaches its peak" in printed.err                  # 1 epoch, Table 1's 400 warm-up
+    assert ("recipe: epochs 1 (warm-up 400), batch 32 (3 steps per epoch), peak lr 1.87e-05 "
+            "(Eq. 2: 0.00015 x 32 / 256), weight decay 0.05, mask ratio 0.75, alpha 0.1; cpu") in printed.out
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--base-lr", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert "conflicts" in err and len(err.strip().splitlines()) == 1
@@ -617,7 +621,9 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:    # epoch 2 logged, then killed unsaved
         f.write(json.dumps(dict(epoch=2, loss=-1.0)) + "\n" + '{"epoch": 3, "lo')
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--batch-size", "32"]) == 0
-    assert "2 line(s)" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "2 line(s)" in printed.err
+    assert "recipe: epochs 2 (warm-up 400), batch 32" in printed.out       # the run's values, --epochs new
     assert [r["epoch"] for r in metrics(out)] == [1, 2] and metrics(out)[1]["loss"] > 0   # trained again
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["epoch"] == 2
     capsys.readouterr()
