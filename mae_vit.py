@@ -135,6 +135,8 @@ def read_cifar_batch(path, spec):
             batch = pickle.load(fh, encoding="latin1")
         rows = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
         y = np.asarray(batch[spec["label_key"]], dtype=np.int64)
+        if len(rows) == 0:
+            raise ValueError("it holds no images")
         if y.shape != (len(rows),) or not ((y >= 0) & (y < spec["classes"])).all():
             raise ValueError(f"{y.size} labels in [0, {spec['classes']}) expected for {len(rows)} images")
         return rows, y

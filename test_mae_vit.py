@@ -536,6 +536,14 @@ def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "data_batch_3" in err and "labels" in err
         assert not out.exists()
+    write_cifar(str(tmp_path))                  # an empty test batch: found before any training
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps(dict(data=np.zeros((0, 3072), np.uint8), labels=[])))
+    assert M.main(["--stage", "finetune", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                   "--out", str(out), "--batch-size", "32", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "test_batch" in err and "holds no images" in err
+    assert not out.exists()
 
 
 def test_bench_reports_true_macs(capsys):
