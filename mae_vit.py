@@ -1071,6 +1071,8 @@ def resolve(args):
         device = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device} is not a device name (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: this program runs on cpu or cuda (cuda:N)")
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available")

@@ -777,6 +777,7 @@ BAD = {
     "out holds a run": ("pretrain --dataset cifar10 --out {used}/pre --batch-size 32", "already holds a run"),
     "resume nothing": ("pretrain --dataset cifar10 --resume", "does not exist"),
     "unknown device": ("pretrain --dataset cifar10 --device gpu", "is not a device name"),
+    "device neither cpu nor cuda": ("pretrain --dataset cifar10 --device mps", "runs on cpu or cuda"),
     "no such cuda device": ("pretrain --dataset cifar10 --device cuda:99", "CUDA device"),
     "out is a file": ("pretrain --dataset cifar10 --out {text} --batch-size 32", "cannot be created"),
     "seed out of range": ("finetune --dataset cifar10 --seed -1", "--seed must be in [0, 2^32)"),
