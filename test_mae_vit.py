@@ -88,7 +88,7 @@ def data(tmp_path_factory):
 TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--num-workers", "0"]
 
 
-# ---------------------------------------------------------------- 1. patchifier
+# ---------------------------------------------------------------- patchifier (§3)
 def test_patchify_round_trip_and_layout():
     x = torch.randn(2, 3, 36, 36)
     p = M.patchify(x)
@@ -98,7 +98,7 @@ def test_patchify_round_trip_and_layout():
     assert torch.equal(p[1, 13], x[1, :, 3:6, 3:6].reshape(27))
 
 
-# ---------------------------------------------------------------- 2. block, parameters, bias rule
+# ---------------------------------------------------------------- block, parameters, bias rule (§3.1)
 def test_parameter_counts_match_the_paper():
     assert M.count_parameters(M.Classifier(10)) == 3_636_490      # Table 3: 3.64 M
     assert M.count_parameters(M.Classifier(100)) == 3_653_860
@@ -158,7 +158,7 @@ def test_gpu_attention_kernels_agree_with_the_math_kernel():
             assert torch.equal(M.attention(q, k, v), out.detach()), n
 
 
-# ---------------------------------------------------------------- 3. masking and encoder
+# ---------------------------------------------------------------- masking, encoder, decoder (§2)
 def test_random_masking_keeps_36_unique_patches_and_the_dummy():
     torch.manual_seed(0)
     keep, restore, mask = M.random_masking(torch.rand(64, 144), 0.75)
@@ -215,7 +215,7 @@ def test_decoder_restores_image_order():
         assert torch.allclose(x[i, 144], encoded[i, 36], atol=1e-6)   # dummy
 
 
-# ---------------------------------------------------------------- 5. Eq. 1
+# ---------------------------------------------------------------- loss (Eq. 1)
 def test_loss_eq1_on_hand_made_tensors():
     target = torch.zeros(1, 144, 27)
     pred = torch.zeros(1, 144, 27)
@@ -264,7 +264,7 @@ def test_residual_stream_is_bf16_under_autocast_and_the_loss_stays_close():
     assert abs(fast.item() - exact.item()) / exact.item() < 2e-2
 
 
-# ---------------------------------------------------------------- 6. schedules
+# ---------------------------------------------------------------- recipes and schedules (Tables 1-2, Eq. 2)
 def test_default_recipe_is_tables_1_and_2():
     """What a run gets when the command line gives only the stage and dataset."""
     table = dict(pretrain=dict(epochs=4000, warmup_epochs=400, batch_size=1408, base_lr=1.5e-4,
@@ -313,7 +313,7 @@ def test_layer_decay_scales_and_weight_decay_groups():
     assert {g["lr_scale"] for g in M.param_groups(M.MAE(), 0.05, 1.0)} == {1.0}
 
 
-# ---------------------------------------------------------------- 8. augmentation on the device
+# ---------------------------------------------------------------- augmentation (Tables 1-2), on the device
 def test_crop_boxes_match_torchvision_distribution():
     torch.manual_seed(0)
     n = 4000
