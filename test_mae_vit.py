@@ -132,6 +132,33 @@ def test_block_is_relu_mlp_and_dropout_only_in_training():
     assert not torch.equal(block(x), block(x))
 
 
+def test_block_is_pytorchs_pre_norm_encoder_layer_with_its_default_init():
+    """§3.1 names PyTorch's defaults. With the same weights, Block (eval mode) computes what
+    nn.TransformerEncoderLayer(norm_first=True, ReLU, 384) does, and its weights start from
+    the same distributions: nn.MultiheadAttention's and nn.Linear's."""
+    torch.manual_seed(0)
+    block = M.Block().eval()
+    layer = nn.TransformerEncoderLayer(192, 3, 384, dropout=0.1, activation="relu", batch_first=True,
+                                       norm_first=True).eval()
+    pairs = [(layer.self_attn.in_proj_weight, block.qkv.weight), (layer.self_attn.in_proj_bias, block.qkv.bias),
+             (layer.self_attn.out_proj.weight, block.proj.weight), (layer.self_attn.out_proj.bias, block.proj.bias),
+             (layer.linear1.weight, block.fc1.weight), (layer.linear1.bias, block.fc1.bias),
+             (layer.linear2.weight, block.fc2.weight), (layer.linear2.bias, block.fc2.bias),
+             (layer.norm1.weight, block.norm1.weight), (layer.norm1.bias, block.norm1.bias),
+             (layer.norm2.weight, block.norm2.weight), (layer.norm2.bias, block.norm2.bias)]
+    assert len(pairs) == len(list(layer.parameters())) == len(list(block.parameters()))
+    for theirs, ours in pairs:     # same defaults: equal where constant, same range where random
+        assert theirs.shape == ours.shape
+        assert theirs.abs().max().item() == pytest.approx(ours.abs().max().item(), rel=0.05)
+        assert theirs.std().item() == pytest.approx(ours.std().item(), rel=0.1, abs=1e-6)
+    with torch.no_grad():
+        for theirs, ours in pairs:
+            theirs.copy_(ours)
+    x = torch.randn(2, 145, 192)
+    assert torch.allclose(block(x), layer(x), atol=1e-5)
+    assert M.Encoder().pos_embed.std().item() == pytest.approx(1.0, abs=0.02)   # nn.Embedding's N(0, 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel choice is made on CUDA only")
 def test_gpu_attention_kernels_agree_with_the_math_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
