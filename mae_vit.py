@@ -555,7 +555,8 @@ def load_checkpoint(path):
     if (not isinstance(args, dict) or not CHECKPOINT_KEYS <= ckpt.keys()
             or not {*RUN_ARGS, "epochs", "data_dir"} <= args.keys() or args["stage"] != ckpt["stage"]
             or args["dataset"] not in (CIFAR if ckpt["stage"] == "finetune" else DATASETS)
-            or not isinstance(ckpt["model"], dict) or not all(isinstance(ckpt[k], int) for k in ("epoch", "batch"))):
+            or not isinstance(ckpt["model"], dict)
+            or not all(isinstance(ckpt[k], int) for k in ("epoch", "batch", "step"))):
         raise UsageError(f"{path} is not a mae_vit checkpoint")
     with torch.device("meta"):                    # shapes only: no memory, no random draws
         model = MAE() if ckpt["stage"] == "pretrain" else Classifier(CIFAR[args["dataset"]]["classes"])
@@ -761,11 +762,16 @@ def maybe_compile(model, args):
     return torch.compile(model, dynamic=False) if args.compile else model
 
 
-def steps_per_epoch(num_images, batch_size):
-    """Full batches only: the last partial batch is dropped (fixed shapes, one graph)."""
-    if num_images < batch_size:
-        raise UsageError(f"--batch-size {batch_size} is larger than the {num_images} training images")
-    return num_images // batch_size
+def steps_per_epoch(num_images, args, resume):
+    """Full batches only: the last partial batch is dropped (fixed shapes, one graph). A
+    resumed run must see the training set it started on, or its position means nothing."""
+    if num_images < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {num_images} training images")
+    steps = num_images // args.batch_size
+    if resume and (resume["batch"] >= steps or resume["step"] != resume["epoch"] * steps + resume["batch"]):
+        raise UsageError(f"{args.data_dir} holds {num_images} training images ({steps} batches per epoch), "
+                         f"not the set the run in {args.out} trained on; resume it with its own --data-dir")
+    return steps
 
 
 def pretrain(args, resume):
@@ -773,7 +779,7 @@ def pretrain(args, resume):
     and masks are drawn there for the whole batch: no DataLoader."""
     device = setup_device(args)
     images, _ = load_cifar(args.dataset, args.data_dir, "train")
-    steps = steps_per_epoch(len(images), args.batch_size)
+    steps = steps_per_epoch(len(images), args, resume)
     prepare_out(args, resume)
     images = images.to(device)
     model = MAE(args.mask_ratio, args.alpha).to(device)
@@ -805,7 +811,7 @@ def finetune(args, resume):
                                        if k.startswith("encoder.")})
     images, labels = load_cifar(args.dataset, args.data_dir, "train")
     test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
-    steps = steps_per_epoch(len(images), args.batch_size)
+    steps = steps_per_epoch(len(images), args, resume)
     prepare_out(args, resume)
     model = model.to(device)
     print(f"parameters: {count_parameters(model):,}", flush=True)

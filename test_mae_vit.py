@@ -671,7 +671,7 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == finished
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
     state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
-    state["epoch"], state["batch"] = 1, 1                  # stopped one step into epoch 2
+    state["epoch"], state["batch"], state["step"] = 1, 1, 4    # one step into epoch 2 (3 per epoch)
     mid = tmp_path / "mid"
     mid.mkdir()
     torch.save(state, mid / "checkpoint.pth")
@@ -683,6 +683,20 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "line 2 of" in err and len(err.strip().splitlines()) == 1
     assert (mid / "metrics.jsonl").read_text() == log
+
+
+def test_resume_refuses_another_training_set(data, tmp_path, capsys):
+    """The position saved (epoch, batch, step) only means something on the same data."""
+    out, other = str(tmp_path / "run"), str(tmp_path / "other")
+    write_cifar(other, per_batch=40)                                   # 200 images, not 100
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+                   "--epochs", "1", "--batch-size", "32"]) == 0
+    before = [open(os.path.join(out, f), "rb").read() for f in ("checkpoint.pth", "metrics.jsonl")]
+    capsys.readouterr()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--data-dir", other]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds 200 training images (6 batches per epoch)" in err
+    assert [open(os.path.join(out, f), "rb").read() for f in ("checkpoint.pth", "metrics.jsonl")] == before
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
