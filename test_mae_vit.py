@@ -855,6 +855,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data
     assert not os.path.exists(checkpoints["marker"])
 
 
+def test_checkpoint_check_builds_no_real_model(checkpoints):
+    """load_checkpoint compares shapes against a model on the meta device: no random draws
+    (a seeded fine-tuning run loads --init after its own initialization), no memory."""
+    rng = torch.get_rng_state()
+    assert M.load_checkpoint(checkpoints["pre"])["stage"] == "pretrain"
+    assert M.load_checkpoint(checkpoints["ft"])["stage"] == "finetune"
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def test_bad_input_from_the_shell_has_no_traceback(checkpoints, data, tmp_path):
     r = run_cli("--stage", "finetune", "--dataset", "cifar10", "--init", checkpoints["text"],
                 "--data-dir", data, "--out", str(tmp_path / "out"), check=False)
