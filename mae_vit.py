@@ -529,7 +529,8 @@ def param_groups(model, weight_decay, layer_decay):
 
 # ----------------------------------------------------------------------------------
 # Checkpoints: plain tensors and Python values only, so that they load with
-# weights_only=True; written atomically so a kill leaves the last one readable.
+# weights_only=True; written atomically so a kill or a full disk leaves the last one
+# readable.
 # ----------------------------------------------------------------------------------
 RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr",
             "warmup_epochs", "mask_ratio", "alpha", "layer_decay", "seed", "init")
@@ -537,9 +538,35 @@ CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "batch", "step", "arg
 
 
 def save_checkpoint(path, **state):
+    replace_file(path, lambda tmp: torch.save(state, tmp))
+
+
+def replace_file(path, write):
+    """write(tmp) to path + '.tmp', then rename it over path (atomic). If that fails (a
+    full disk, a lost mount) the run stops with one line, exit 1, and path is unchanged."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # on a full disk torch.save raises RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)                 # a half-written file would only fill the disk more
+        write_failed(path, e)
+
+
+def append_line(path, row):
+    """One JSON line at the end of path (metrics.jsonl)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        write_failed(path, e)
+
+
+def write_failed(path, e):
+    why = getattr(e, "strerror", None) or f"{type(e).__name__}; is the disk full?"
+    raise SystemExit(f"error: could not write {path} ({why}); stopped, the files written "
+                     f"before are unchanged")
 
 
 def load_checkpoint(path):
@@ -703,8 +730,7 @@ def run_log(args):
     metrics = os.path.join(args.out, "metrics.jsonl")
 
     def log(row, eta):
-        with open(metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(metrics, row)
         acc = "" if row["accuracy"] is None else f" | test acc {100 * row['accuracy']:.2f}%"
         print(f"epoch {row['epoch']}/{args.epochs} | loss {row['loss']:.4f} | lr {row['lr']:.2e}"
               f"{acc} | {row['images_per_s']:,.0f} img/s | {row['seconds']:.1f} s | "
@@ -871,10 +897,10 @@ def evaluate_stage(args, ckpt):
         masked = unpatchify(patchify(original) * (1 - mask[:n, :, None]))        # masked -> 0 (grey)
         triplets = torch.stack([original, masked, unpatchify(pred[:n])], 1)       # (n, 3, 3, 36, 36)
         png = os.path.join(args.out, "reconstructions.png")
-        torchvision.utils.save_image(triplets.flatten(0, 1) * STD + MEAN, png, nrow=6, padding=2)
+        replace_file(png, lambda tmp: torchvision.utils.save_image(
+            triplets.flatten(0, 1) * STD + MEAN, tmp, format="png", nrow=6, padding=2))
         result["reconstructions"] = png
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
+    append_line(os.path.join(args.out, "metrics.jsonl"), result)
     return result
 
 
@@ -1144,11 +1170,13 @@ def prepare_out(args, resume):
         kept = [line for number, line in enumerate(lines, 1)
                 if line.endswith("\n") and epoch_of(number, line) <= resume["epoch"]]
         if len(kept) < len(lines):
+            def write_kept(tmp):
+                with open(tmp, "w") as f:            # closed here, so a failed flush raises
+                    f.writelines(kept)
+
+            replace_file(metrics, write_kept)
             print(f"note: {len(lines) - len(kept)} line(s) of {metrics} after epoch {resume['epoch']}, "
                   f"the checkpoint's, are dropped: those epochs run again", file=sys.stderr, flush=True)
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(metrics + ".tmp", metrics)
 
 
 def main(argv=None):

@@ -728,19 +728,45 @@ def test_diverging_run_exits_1_with_one_line(data, tmp_path):
     assert not (out / "checkpoint.pth").exists()
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "checkpoint.pth")
-    M.save_checkpoint(path, stage="pretrain", value=1)
+def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(data, tmp_path, monkeypatch):
+    """A full disk: torch.save raises RuntimeError half way through a checkpoint, open/write
+    raise OSError. Each stops the run with one line and exit 1, and leaves the checkpoint
+    and log already written as they were, with no half-written file beside them."""
+    out = tmp_path / "run"
+    saves, real_save = [0], torch.save
 
-    def dies_half_way(obj, f):
+    def second_save_dies_half_way(obj, f):
+        saves[0] += 1
+        if saves[0] == 1:
+            return real_save(obj, f)
         with open(f, "wb") as fh:
             fh.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError):
-        M.save_checkpoint(path, stage="pretrain", value=2)
-    assert torch.load(path, weights_only=True)["value"] == 1
+    monkeypatch.setattr(torch, "save", second_save_dies_half_way)
+    with pytest.raises(SystemExit) as stop:
+        M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", str(out),
+                "--epochs", "2", "--batch-size", "32", "--save-every", "1"])
+    message = str(stop.value.code)                        # a message, so the exit code is 1
+    assert message.startswith(f"error: could not write {out / 'checkpoint.pth'} (RuntimeError; ")
+    assert "\n" not in message and sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    log = (out / "metrics.jsonl").read_text()             # epoch 2 was logged before its save failed
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)          # resume's rewrite of the log fails
+    with pytest.raises(SystemExit) as stop:
+        M.main(["--stage", "pretrain", "--out", str(out), "--resume"])
+    assert str(stop.value.code).endswith("metrics.jsonl (No space left on device); stopped, the files "
+                                         "written before are unchanged")
+    assert (out / "metrics.jsonl").read_text() == log and sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl"]
+    if os.path.exists("/dev/full"):                       # a device that is always full (Linux)
+        with pytest.raises(SystemExit) as stop:
+            M.append_line("/dev/full", dict(epoch=1))
+        assert "No space left on device" in str(stop.value.code)
 
 
 class RunsCode:
