@@ -273,6 +273,23 @@ def test_mae_forward_loss_is_eq1_on_normalized_pixels():
     assert torch.equal(mask1, (noise > noise.sort(1).values[:, 35:36]).float())
 
 
+def test_initial_loss_is_one_third_plus_the_targets_mean_square():
+    """§3.1's default init makes the decoder's outputs start with a mean square of 1/3 in
+    expectation (LayerNorm, then the 192 -> 27 projection: 192 weights of variance
+    1 / (3 x 192)), so Eq. 1 starts near (1 + alpha)(1/3 + mean target^2): Figure 3's
+    starting point (mae_loss). One initialization varies by about 15%; 8 are averaged."""
+    smooth = F.interpolate(torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)), size=32,
+                           mode="bilinear")                   # image-like: neighbours correlated
+    images = M.normalize(M.resize_test((127.5 + 60 * smooth).clamp(0, 255).round()))
+    target_ms = (M.patchify(images) ** 2).mean()
+    losses = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            losses.append(M.MAE().eval()(images)[0])
+    assert torch.stack(losses).mean() == pytest.approx(1.1 * (1 / 3 + target_ms), rel=0.1)
+
+
 def test_residual_stream_is_bf16_under_autocast_and_the_loss_stays_close():
     """Under bf16 autocast every block of both stacks receives (and so adds to) a bf16
     residual stream; in fp32 it stays fp32. The loss moves by bf16 rounding only."""
