@@ -1199,6 +1199,10 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:           # e.g. Table 2's batch of 768 on a small GPU
+        print(f"error: {args.device} ran out of memory at batch size {args.batch_size or 'default'}; "
+              f"a smaller --batch-size needs less (Eq. 2 scales the lr with it)", file=sys.stderr)
+        return 1
     summary = dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result)
     if args.out:
         summary.update(out=args.out, checkpoint=os.path.join(args.out, "checkpoint.pth")

@@ -786,6 +786,18 @@ def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(data, tmp
         assert "No space left on device" in str(stop.value.code)
 
 
+def test_out_of_gpu_memory_is_one_line_and_exit_1(data, tmp_path, monkeypatch, capsys):
+    def no_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(M, "train_step", no_memory)
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data,
+                   "--out", str(tmp_path / "run"), "--batch-size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cpu ran out of memory at batch size 32; a smaller --batch-size")
+    assert err.count("\n") == 1 and os.listdir(tmp_path / "run") == []     # free to run again
+
+
 class RunsCode:
     """A pickle that would run a shell command when loaded without weights_only."""
 
