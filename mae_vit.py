@@ -1056,6 +1056,9 @@ def resolve(args):
     Validates everything before anything is written."""
     state = None                  # the checkpoint this run starts from, read once
     unused, where = UNUSED[args.stage], f"--stage {args.stage}"
+    for key in ("data_dir", "out", "init"):      # e.g. --init "$CKPT" with CKPT unset
+        if getattr(args, key) == "":
+            raise UsageError(f"--{key.replace('_', '-')} is empty")
     if args.stage == "eval":
         if not args.init:
             raise UsageError("--stage eval needs --init CHECKPOINT")

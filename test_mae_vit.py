@@ -879,6 +879,8 @@ BAD = {
     "seed out of range": ("finetune --dataset cifar10 --seed -1", "--seed must be in [0, 2^32)"),
     "pretrain given --init": ("pretrain --dataset cifar10 --init {pre}", "--init is for finetune and eval"),
     "bench given --out": ("bench --device cpu", "writes no files"),          # it would write nothing there
+    "empty init": ("finetune --dataset cifar10 --init {empty}", "--init is empty"),   # not: from scratch
+    "empty out": ("pretrain --dataset cifar10 --out {empty}", "--out is empty"),
     # flags a stage never reads are refused, not silently dropped
     "finetune given --alpha": ("finetune --dataset cifar10 --alpha 0.2", "--alpha has no effect on --stage finetune"),
     "finetune given --mask-ratio": ("finetune --dataset cifar10 --mask-ratio 0.5", "--mask-ratio has no effect"),
@@ -891,7 +893,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data, tmp_path, capsys):
-    paths = dict(checkpoints, root=str(tmp_path))
+    paths = dict(checkpoints, root=str(tmp_path), empty="")
     arguments, message = BAD[case]
     argv = ["--stage", *(a.format(**paths) for a in arguments.split())]   # paths may hold spaces
     if "--out" not in argv:
