@@ -532,9 +532,9 @@ def param_groups(model, weight_decay, layer_decay):
 
 
 # ----------------------------------------------------------------------------------
-# Checkpoints: plain tensors and Python values only, so that they load with
-# weights_only=True; written atomically so a kill or a full disk leaves the last one
-# readable.
+# Checkpoints and logs. Checkpoints hold plain tensors and Python values only, so that
+# they load with weights_only=True; every output is written so that a kill or a full
+# disk leaves what was there before readable.
 # ----------------------------------------------------------------------------------
 RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr",
             "warmup_epochs", "mask_ratio", "alpha", "layer_decay", "seed", "init")
