@@ -281,13 +281,13 @@ def test_initial_loss_is_one_third_plus_the_targets_mean_square():
     smooth = F.interpolate(torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)), size=32,
                            mode="bilinear")                   # image-like: neighbours correlated
     images = M.normalize(M.resize_test((127.5 + 60 * smooth).clamp(0, 255).round()))
-    target_ms = (M.patchify(images) ** 2).mean()
+    target_ms = (M.patchify(images) ** 2).mean().item()
     losses = []
     for seed in range(8):
         torch.manual_seed(seed)
         with torch.no_grad():
             losses.append(M.MAE().eval()(images)[0])
-    assert torch.stack(losses).mean() == pytest.approx(1.1 * (1 / 3 + target_ms), rel=0.1)
+    assert torch.stack(losses).mean().item() == pytest.approx(1.1 * (1 / 3 + target_ms), rel=0.1)
 
 
 def test_residual_stream_is_bf16_under_autocast_and_the_loss_stays_close():
