@@ -1054,11 +1054,11 @@ def parse_args(argv=None):
 def resolve(args):
     """Fill what was not given: from the run being resumed, then from Table 1 / Table 2.
     Validates everything before anything is written."""
-    state = None                  # the checkpoint this run starts from, read once
-    unused, where = UNUSED[args.stage], f"--stage {args.stage}"
     for key in ("data_dir", "out", "init"):      # e.g. --init "$CKPT" with CKPT unset
         if getattr(args, key) == "":
             raise UsageError(f"--{key.replace('_', '-')} is empty")
+    state = None                  # the checkpoint this run starts from, read once
+    unused, where = UNUSED[args.stage], f"--stage {args.stage}"
     if args.stage == "eval":
         if not args.init:
             raise UsageError("--stage eval needs --init CHECKPOINT")
