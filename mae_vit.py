@@ -76,6 +76,7 @@ FINETUNE = dict(                     # Table 2
 )
 EVAL = dict(batch_size=1000)         # evaluation only: the largest batch that divides the test set is used
 RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": EVAL, "bench": {}}
+COMMON = dict(data_dir="./data", min_lr=0.0, save_every=20, seed=0)   # every stage; not in the tables
 # Recipe flags that a stage never reads. Giving one is refused rather than ignored, so
 # that no one believes a run used a value it never saw (eval of a finetune checkpoint
 # also refuses --mask-ratio and --alpha: a classifier has no mask and no Eq. 1).
@@ -1051,12 +1052,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def flag(key):
+    """'batch_size' -> '--batch-size', for messages."""
+    return "--" + key.replace("_", "-")
+
+
 def resolve(args):
     """Fill what was not given: from the run being resumed, then from Table 1 / Table 2.
     Validates everything before anything is written."""
     for key in ("data_dir", "out", "init"):      # e.g. --init "$CKPT" with CKPT unset
         if getattr(args, key) == "":
-            raise UsageError(f"--{key.replace('_', '-')} is empty")
+            raise UsageError(f"{flag(key)} is empty")
     state = None                  # the checkpoint this run starts from, read once
     unused, where = UNUSED[args.stage], f"--stage {args.stage}"
     if args.stage == "eval":
@@ -1068,7 +1074,7 @@ def resolve(args):
             unused, where = unused + UNUSED["finetune"], "eval of a finetune checkpoint"
     for key in unused:
         if getattr(args, key) is not None:
-            raise UsageError(f"--{key.replace('_', '-')} has no effect on {where}; drop it")
+            raise UsageError(f"{flag(key)} has no effect on {where}; drop it")
     if args.resume:
         if args.stage not in ("pretrain", "finetune") or args.out is None:
             raise UsageError("--resume continues the pretrain or finetune run in --out DIR")
@@ -1077,7 +1083,7 @@ def resolve(args):
         for key in RUN_ARGS:
             given = getattr(args, key)
             if given is not None and given != saved[key]:
-                raise UsageError(f"--{key.replace('_', '-')} {given} conflicts with the run in {args.out} "
+                raise UsageError(f"{flag(key)} {given} conflicts with the run in {args.out} "
                                  f"(started with {saved[key]}); only --epochs may change on --resume")
             setattr(args, key, saved[key])
         args.epochs = saved["epochs"] if args.epochs is None else args.epochs
@@ -1099,13 +1105,9 @@ def resolve(args):
     if args.out is None and args.stage != "bench":
         stage = f"eval-{state['stage']}" if args.stage == "eval" else args.stage
         args.out = os.path.join("runs", f"{stage}-{args.dataset}")
-    for key, value in RECIPES[args.stage].items():
+    for key, value in {**COMMON, **RECIPES[args.stage]}.items():
         if key in vars(args) and getattr(args, key) is None:
             setattr(args, key, value)
-    args.data_dir = args.data_dir or "./data"
-    args.min_lr = args.min_lr or 0.0
-    args.save_every = 20 if args.save_every is None else args.save_every
-    args.seed = args.seed or 0
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -1127,12 +1129,12 @@ def resolve(args):
         args.amp = capability >= (8, 0)
     for key in ("epochs", "batch_size", "base_lr", "save_every"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+            raise UsageError(f"{flag(key)} must be positive, got {getattr(args, key)}")
     if not 0 <= args.seed < 2 ** 32:
         raise UsageError(f"--seed must be in [0, 2^32), got {args.seed}")
     for key in ("warmup_epochs", "weight_decay", "min_lr", "alpha", "num_workers"):
         if getattr(args, key) is not None and getattr(args, key) < 0:
-            raise UsageError(f"--{key.replace('_', '-')} must not be negative, got {getattr(args, key)}")
+            raise UsageError(f"{flag(key)} must not be negative, got {getattr(args, key)}")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise UsageError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.mask_ratio is not None:

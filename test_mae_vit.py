@@ -320,6 +320,7 @@ def test_default_recipe_is_tables_1_and_2():
         M.resolve(args)
         assert {k: getattr(args, k) for k in expected} == expected, stage
         assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and not args.amp
+        assert args.save_every == 20 and args.data_dir == "./data"
     assert M.PRETRAIN["crop_scale"] == (0.6, 1.0) and M.FINETUNE["crop_scale"] == (0.8, 1.0)
 
 
