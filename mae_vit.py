@@ -542,10 +542,6 @@ RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr
 CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "batch", "step", "args", "rng_cpu", "rng_cuda"}
 
 
-def save_checkpoint(path, **state):
-    replace_file(path, lambda tmp: torch.save(state, tmp))
-
-
 def replace_file(path, write):
     """write(tmp) to path + '.tmp', then rename it over path (atomic). If that fails (a
     full disk, a lost mount) the run stops with one line, exit 1, and path is unchanged."""
@@ -649,17 +645,19 @@ def train_step(opt, step_loss, batch, lr, args):
     return loss.detach()
 
 
-def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, log):
+def train(args, model, step_loss, batches, steps, evaluate, resume):
     """model: the raw module (saved); step_loss(batch) -> loss runs the (compiled) model.
-    batches(epoch, start) yields the device batches of one epoch from batch `start`."""
+    batches(epoch, start) yields the device batches of one epoch (`steps` batches) from
+    batch `start`; evaluate() -> test accuracy, or None. Logs one console line and one
+    metrics.jsonl line per epoch."""
     device = torch.device(args.device)
     opt = make_optimizer(model, args.weight_decay, args.layer_decay, device)
     peak = peak_lr(args.base_lr, args.batch_size)
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total, warmup = args.epochs * steps, args.warmup_epochs * steps
     own = (f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain"
            else f"layer decay {args.layer_decay:g}")
     print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} "
-          f"({steps_per_epoch} steps per epoch), peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x "
+          f"({steps} steps per epoch), peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x "
           f"{args.batch_size} / 256), weight decay {args.weight_decay:g}, {own}; {args.device}, "
           f"compile {'on' if args.compile else 'off'}, bf16 {'on' if args.amp else 'off'}", flush=True)
     if args.warmup_epochs >= args.epochs:         # e.g. a short run with Table 1's 400 epochs
@@ -674,14 +672,14 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and resume["rng_cuda"]:
             torch.cuda.set_rng_state_all(resume["rng_cuda"])
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    ckpt_path, metrics = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "metrics.jsonl")
 
     def save(epoch, batch):
-        save_checkpoint(ckpt_path, stage=args.stage, model=model.state_dict(),
-                        optimizer=opt.state_dict(), epoch=epoch, batch=batch,
-                        step=epoch * steps_per_epoch + batch, args=vars(args),
-                        rng_cpu=torch.get_rng_state(),
-                        rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+        state = dict(stage=args.stage, model=model.state_dict(), optimizer=opt.state_dict(),
+                     epoch=epoch, batch=batch, step=epoch * steps + batch, args=vars(args),
+                     rng_cpu=torch.get_rng_state(),
+                     rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+        replace_file(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     def check_finite(loss_sum, bad_step, epoch):
         if not torch.isfinite(loss_sum):
@@ -691,7 +689,7 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
 
     def stopped(epoch, batch):
         print(f"interrupted ({signal.Signals(stop.requested).name}) after step "
-              f"{epoch * steps_per_epoch + batch} ({epoch} epochs done); checkpoint saved. Resume with: "
+              f"{epoch * steps + batch} ({epoch} epochs done); checkpoint saved. Resume with: "
               f"python mae_vit.py --stage {args.stage} --out {args.out} --resume", flush=True)
         raise SystemExit(128 + stop.requested)           # 130 for Ctrl-C, 143 for SIGTERM
 
@@ -703,44 +701,36 @@ def train(args, model, step_loss, batches, steps_per_epoch, evaluate, resume, lo
             loss_sum = torch.zeros((), device=device)        # summed on the device: no sync per step
             bad_step = torch.full((), -1, device=device)     # first step whose loss was not finite
             for b, batch in enumerate(batches(epoch, start), start):
-                step = epoch * steps_per_epoch + b
+                step = epoch * steps + b
                 lr = learning_rate(step, peak, warmup, total, args.min_lr)
                 loss_t = train_step(opt, step_loss, batch, lr, args)
                 loss_sum += loss_t
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_t), step, bad_step)
-                if stop.requested and b + 1 < steps_per_epoch:     # mid-epoch: save here
+                if stop.requested and b + 1 < steps:              # mid-epoch: save here
                     check_finite(loss_sum, bad_step, epoch)
                     save(epoch, b + 1)
                     stopped(epoch, b + 1)
-            n = steps_per_epoch - start
+            n = steps - start
             start = 0
             check_finite(loss_sum, bad_step, epoch)
             loss = loss_sum.item() / n                                   # one host sync per epoch
             seconds = time.time() - t0
+            ips = n * args.batch_size / seconds                          # training only, no eval
             accuracy = evaluate() if evaluate else None
             model.train()
             done_epochs += 1
             eta = (time.time() - t_start) / done_epochs * (args.epochs - epoch - 1)
-            log(dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
-                     images_per_s=n * args.batch_size / seconds, seconds=seconds), eta)
+            append_line(metrics, dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
+                                      images_per_s=ips, seconds=seconds))
+            acc = "" if accuracy is None else f" | test acc {100 * accuracy:.2f}%"
+            print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | lr {lr:.2e}{acc} | "
+                  f"{ips:,.0f} img/s | {seconds:.1f} s | "
+                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
             if stop.requested or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 save(epoch + 1, 0)
             if stop.requested:
                 stopped(epoch + 1, 0)
     return loss, accuracy
-
-
-def run_log(args):
-    """Console line and metrics.jsonl line per epoch."""
-    metrics = os.path.join(args.out, "metrics.jsonl")
-
-    def log(row, eta):
-        append_line(metrics, row)
-        acc = "" if row["accuracy"] is None else f" | test acc {100 * row['accuracy']:.2f}%"
-        print(f"epoch {row['epoch']}/{args.epochs} | loss {row['loss']:.4f} | lr {row['lr']:.2e}"
-              f"{acc} | {row['images_per_s']:,.0f} img/s | {row['seconds']:.1f} s | "
-              f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
-    return log
 
 
 def eval_batch_size(n, limit):
@@ -825,7 +815,7 @@ def pretrain(args, resume):
     def step_loss(batch):
         return compiled(crop_flip_normalize(batch, PRETRAIN["crop_scale"]))[0]
 
-    loss, _ = train(args, model, step_loss, batches, steps, None, resume, run_log(args))
+    loss, _ = train(args, model, step_loss, batches, steps, None, resume)
     return dict(final_loss=loss)
 
 
@@ -868,7 +858,7 @@ def finetune(args, resume):
     def evaluate():
         return accuracy_on(compiled, test_images, test_labels, args)
 
-    loss, accuracy = train(args, model, step_loss, batches, steps, evaluate, resume, run_log(args))
+    loss, accuracy = train(args, model, step_loss, batches, steps, evaluate, resume)
     return dict(final_loss=loss, test_accuracy=accuracy)
 
 
