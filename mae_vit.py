@@ -693,7 +693,7 @@ def train(args, model, step_loss, batches, steps, evaluate, resume):
               f"python mae_vit.py --stage {args.stage} --out {args.out} --resume", flush=True)
         raise SystemExit(128 + stop.requested)           # 130 for Ctrl-C, 143 for SIGTERM
 
-    t_start, done_epochs, loss, accuracy = time.time(), 0, None, None
+    done_epochs, loss, accuracy = 0, None, None
     model.train()
     with StopRequest() as stop:
         for epoch in range(epoch, args.epochs):
@@ -719,13 +719,20 @@ def train(args, model, step_loss, batches, steps, evaluate, resume):
             accuracy = evaluate() if evaluate else None
             model.train()
             done_epochs += 1
-            eta = (time.time() - t_start) / done_epochs * (args.epochs - epoch - 1)
+            # The ETA leaves out this process's first epoch, which includes torch.compile's
+            # compilation when that is on, and after --resume may have begun mid-epoch.
+            if done_epochs == 1:
+                t_first, per_epoch = time.time(), time.time() - t0
+            else:
+                per_epoch = (time.time() - t_first) / (done_epochs - 1)
+            eta = (args.epochs - epoch - 1) * per_epoch
+            eta = (f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+                   if done_epochs > 1 or not (args.compile and eta) else "ETA after the next epoch")
             append_line(metrics, dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
                                       images_per_s=ips, seconds=seconds))
             acc = "" if accuracy is None else f" | test acc {100 * accuracy:.2f}%"
             print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | lr {lr:.2e}{acc} | "
-                  f"{ips:,.0f} img/s | {seconds:.1f} s | "
-                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+                  f"{ips:,.0f} img/s | {seconds:.1f} s | {eta}", flush=True)
             if stop.requested or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 save(epoch + 1, 0)
             if stop.requested:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -549,6 +550,32 @@ def test_cross_dataset_and_merged_pretraining(tmp_path, capsys):
                       "--out", str(tmp_path / "ft"), "--init", os.path.join(pre, "checkpoint.pth"),
                       "--epochs", "1", "--batch-size", "50", "--num-workers", "0")
     assert "parameters: 3,653,860" in out
+
+
+def test_eta_leaves_out_the_first_epoch_which_compiles(tmp_path, monkeypatch, capsys):
+    """On a GPU the first epoch compiles (minutes) and each later one takes about a second:
+    an average over all epochs would overstate the time left for hundreds of epochs. Here
+    a fake clock makes the first epoch one hour long."""
+    root, hour = write_cifar(str(tmp_path / "data"), per_batch=4, test=10), [0.0]
+    real_step = M.train_step
+
+    def first_step_takes_an_hour(*args):
+        hour[0] = 3600.0
+        return real_step(*args)
+
+    monkeypatch.setattr(M, "train_step", first_step_takes_an_hour)
+    monkeypatch.setattr(M, "time", SimpleNamespace(time=lambda: time.time() + hour[0]))
+    monkeypatch.setattr(M, "maybe_compile", lambda model, args: model)   # --compile without a CPU compile
+    for compile in ("--compile", "--no-compile"):
+        hour[0] = 0.0
+        _, out = run_main(capsys, "--stage", "pretrain", "--dataset", "cifar10", "--data-dir", root,
+                          "--out", str(tmp_path / compile[2:]), "--epochs", "3", "--warmup-epochs", "1",
+                          "--batch-size", "10", compile)
+        etas = [line.rsplit("| ", 1)[1] for line in out.splitlines() if line.startswith("epoch ")]
+        # compiled, epoch 1 gives no ETA; uncompiled, its hour times the 2 epochs left
+        assert etas[0].startswith("ETA after the next epoch" if compile == "--compile" else "ETA 2:00:0"), etas
+        h, m, sec = map(int, etas[1].split()[1].split(":"))
+        assert h * 3600 + m * 60 + sec < 60 and etas[2] == "ETA 0:00:00", etas   # with epoch 1: 0:30:00
 
 
 def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys):
