@@ -693,7 +693,7 @@ def train(args, model, step_loss, batches, steps, evaluate, resume):
               f"python mae_vit.py --stage {args.stage} --out {args.out} --resume", flush=True)
         raise SystemExit(128 + stop.requested)           # 130 for Ctrl-C, 143 for SIGTERM
 
-    done_epochs, loss, accuracy = 0, None, None
+    first_epoch, loss, accuracy = epoch, None, None
     model.train()
     with StopRequest() as stop:
         for epoch in range(epoch, args.epochs):
@@ -718,16 +718,14 @@ def train(args, model, step_loss, batches, steps, evaluate, resume):
             ips = n * args.batch_size / seconds                          # training only, no eval
             accuracy = evaluate() if evaluate else None
             model.train()
-            done_epochs += 1
             # The ETA leaves out this process's first epoch, which includes torch.compile's
             # compilation when that is on, and after --resume may have begun mid-epoch.
-            if done_epochs == 1:
-                t_first, per_epoch = time.time(), time.time() - t0
-            else:
-                per_epoch = (time.time() - t_first) / (done_epochs - 1)
-            eta = (args.epochs - epoch - 1) * per_epoch
+            if epoch == first_epoch:
+                t_first = time.time()
+            timed = epoch - first_epoch                                  # epochs the ETA averages
+            eta = (args.epochs - epoch - 1) * ((time.time() - t_first) / timed if timed else time.time() - t0)
             eta = (f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-                   if done_epochs > 1 or not (args.compile and eta) else "ETA after the next epoch")
+                   if timed or not (args.compile and eta) else "ETA after the next epoch")
             append_line(metrics, dict(epoch=epoch + 1, loss=loss, lr=lr, accuracy=accuracy,
                                       images_per_s=ips, seconds=seconds))
             acc = "" if accuracy is None else f" | test acc {100 * accuracy:.2f}%"
