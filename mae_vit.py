@@ -1146,9 +1146,10 @@ def prepare_out(args, resume):
     """Refuse an output folder that holds another run, or one that cannot be written; on
     --resume, drop the log lines of epochs that will run again. Called after all input checks."""
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
-    if taken and not resume:
-        raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); "
-                         f"use --resume to continue it or choose another --out")
+    if taken and not resume:          # --resume is suggested only where it can work
+        how = ("; use --resume to continue it or" if "checkpoint.pth" in taken and args.stage != "eval"
+               else " with no checkpoint to resume;")
+        raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}){how} choose another --out")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -866,8 +866,11 @@ def checkpoints(data, tmp_path_factory):
     torch.save(state, headless)
     forged = str(root / "forged.pth")                 # the top-level keys, none of the contents
     torch.save({"stage": "finetune", "model": {}, "args": {}}, forged)
+    logonly = root / "logonly"                        # a run killed before its first checkpoint
+    logonly.mkdir()
+    (logonly / "metrics.jsonl").write_text(open(os.path.join(root, "pre", "metrics.jsonl")).read())
     return dict(pre=pre, ft=ft, text=text, evil=evil, marker=marker, other=other, used=str(root),
-                broken=str(broken), headless=headless, forged=forged)
+                broken=str(broken), headless=headless, forged=forged, logonly=str(logonly))
 
 
 # case: (what follows --stage, part of the one-line error it must give). The part names
@@ -903,7 +906,11 @@ BAD = {
     "infinite alpha": ("pretrain --dataset cifar10 --alpha inf", "argument --alpha: inf is not a finite"),
     "lr not numeric": ("pretrain --dataset cifar10 --min-lr fast", "argument --min-lr: invalid finite value"),
     "min lr above the peak": ("pretrain --dataset cifar10 --min-lr 0.01", "is above the peak lr"),
-    "out holds a run": ("pretrain --dataset cifar10 --out {used}/pre --batch-size 32", "already holds a run"),
+    "out holds a run": ("pretrain --dataset cifar10 --out {used}/pre --batch-size 32",
+                        "already holds a run (checkpoint.pth, metrics.jsonl); use --resume"),
+    "out holds a run killed before its first checkpoint": (
+        "pretrain --dataset cifar10 --out {logonly} --batch-size 32",
+        "already holds a run (metrics.jsonl) with no checkpoint to resume; choose another --out"),
     "resume nothing": ("pretrain --dataset cifar10 --resume", "does not exist"),
     "unknown device": ("pretrain --dataset cifar10 --device gpu", "is not a device name"),
     "device neither cpu nor cuda": ("pretrain --dataset cifar10 --device mps", "runs on cpu or cuda"),
@@ -996,7 +1003,8 @@ def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path
     assert (tmp_path / "runs" / "eval-pretrain-cifar10" / "reconstructions.png").exists()
     assert len(metrics(str(tmp_path / "runs" / "eval-finetune-cifar10"))) == 1
     assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 2   # no overwrite
-    assert "runs/eval-finetune-cifar10 already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "runs/eval-finetune-cifar10 already holds a run" in err and "--resume" not in err   # eval has none
 
 
 def fake_gpu(monkeypatch, capability):
