@@ -1147,9 +1147,10 @@ def prepare_out(args, resume):
     --resume, drop the log lines of epochs that will run again. Called after all input checks."""
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:          # --resume is suggested only where it can work
-        how = ("; use --resume to continue it or" if "checkpoint.pth" in taken and args.stage != "eval"
-               else " with no checkpoint to resume;")
-        raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}){how} choose another --out")
+        advice = ("use --resume to continue it or choose another --out"
+                  if "checkpoint.pth" in taken and args.stage != "eval"
+                  else "it has no checkpoint to resume, so choose another --out")
+        raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); {advice}")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

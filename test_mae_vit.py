@@ -910,7 +910,7 @@ BAD = {
                         "already holds a run (checkpoint.pth, metrics.jsonl); use --resume"),
     "out holds a run killed before its first checkpoint": (
         "pretrain --dataset cifar10 --out {logonly} --batch-size 32",
-        "already holds a run (metrics.jsonl) with no checkpoint to resume; choose another --out"),
+        "already holds a run (metrics.jsonl); it has no checkpoint to resume, so choose another --out"),
     "resume nothing": ("pretrain --dataset cifar10 --resume", "does not exist"),
     "unknown device": ("pretrain --dataset cifar10 --device gpu", "is not a device name"),
     "device neither cpu nor cuda": ("pretrain --dataset cifar10 --device mps", "runs on cpu or cuda"),
