@@ -1202,8 +1202,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:           # e.g. Table 2's batch of 768 on a small GPU
-        print(f"error: {args.device} ran out of memory at batch size {args.batch_size or 'default'}; "
-              f"a smaller --batch-size needs less (Eq. 2 scales the lr with it)", file=sys.stderr)
+        # A run with a checkpoint keeps its batch size (--resume refuses another one).
+        saved = args.out and args.stage != "eval" and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
+        advice = ("its checkpoint is kept: resume it where more GPU memory is free, or start a new "
+                  "--out with a smaller --batch-size" if saved
+                  else "a smaller --batch-size needs less (Eq. 2 scales the lr with it)")
+        print(f"error: {args.device} ran out of memory at batch size {args.batch_size or 'default'}; {advice}",
+              file=sys.stderr)
         return 1
     summary = dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result)
     if args.out:

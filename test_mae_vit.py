@@ -829,6 +829,17 @@ def test_out_of_gpu_memory_is_one_line_and_exit_1(data, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("error: cpu ran out of memory at batch size 32; a smaller --batch-size")
     assert err.count("\n") == 1 and os.listdir(tmp_path / "run") == []     # free to run again
+    # A run with a checkpoint cannot change its batch size: the advice says what can be done.
+    monkeypatch.undo()
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out",
+                   str(tmp_path / "run"), "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0"]) == 0
+    before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(M, "train_step", no_memory)
+    assert M.main(["--stage", "pretrain", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its checkpoint is kept: resume it" in err and "a smaller" in err
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
 
 
 class RunsCode:
