@@ -1020,7 +1020,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset recipe values come from Table 1 (pretrain) or Table 2 (finetune).")
     p.error = lambda message: p.exit(2, f"error: {message}\n")     # one line, exit 2
-    p.add_argument("--stage", required=True, choices=["pretrain", "finetune", "eval", "bench"])
+    p.add_argument("--stage", required=True, choices=["pretrain", "finetune", "eval", "bench"],
+                   help="pretrain: Table 1; finetune: Table 2; eval: a checkpoint on the test split; "
+                        "bench: speed on synthetic data")
     p.add_argument("--dataset", choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training")
     p.add_argument("--data-dir", help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)")
     p.add_argument("--out", help="output folder (default runs/<stage>-<dataset>; "
