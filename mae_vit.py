@@ -1144,13 +1144,17 @@ def resolve(args):
     return state
 
 
+def resumable(args):
+    """Whether --out holds a training run's checkpoint, the one thing --resume can continue."""
+    return args.stage in ("pretrain", "finetune") and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
+
+
 def prepare_out(args, resume):
     """Refuse an output folder that holds another run, or one that cannot be written; on
     --resume, drop the log lines of epochs that will run again. Called after all input checks."""
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:          # --resume is suggested only where it can work
-        advice = ("use --resume to continue it or choose another --out"
-                  if "checkpoint.pth" in taken and args.stage != "eval"
+        advice = ("use --resume to continue it or choose another --out" if resumable(args)
                   else "it has no checkpoint to resume, so choose another --out")
         raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); {advice}")
     try:
@@ -1205,9 +1209,8 @@ def main(argv=None):
         return 2
     except torch.cuda.OutOfMemoryError:           # e.g. Table 2's batch of 768 on a small GPU
         # A run with a checkpoint keeps its batch size (--resume refuses another one).
-        saved = args.out and args.stage != "eval" and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
         advice = ("its checkpoint is kept: resume it where more GPU memory is free, or start a new "
-                  "--out with a smaller --batch-size" if saved
+                  "--out with a smaller --batch-size" if resumable(args)
                   else "a smaller --batch-size needs less (Eq. 2 scales the lr with it)")
         print(f"error: {args.device} ran out of memory at batch size {args.batch_size or 'default'}; {advice}",
               file=sys.stderr)
