@@ -1,9 +1,8 @@
 """Masked-autoencoder pre-training of a lightweight ViT on CIFAR, in one file.
 
-Reference implementation of J. H. Tan, "Pre-training of Lightweight Vision Transformers on
-Small Datasets with Minimally Scaled Images", 2024 (arXiv:2402.03752), in the paper's order:
-Tables 1-2, model (§2, §3.1), loss (Eq. 1), schedules (Eq. 2), data; then the training loop,
-the stages and the command line.
+J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets with Minimally Scaled
+Images", 2024 (arXiv:2402.03752), in its order: Tables 1-2, model (§2, §3.1), loss (Eq. 1), schedules
+(Eq. 2), data; then the training loop, the stages, speed-only code and the command line.
 
     python mae_vit.py --stage pretrain --dataset cifar10                    # §3.2, Table 1
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth
@@ -18,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -76,7 +76,6 @@ class Block(nn.Module):
     """One transformer layer (§3.1): self-attention, then an MLP 192 -> 384 -> 192 with ReLU;
     every linear layer in it has a bias. Pre-norm is a choice (the paper does not place the
     LayerNorms): ViT and MAE put one before each sublayer, and §2.1 follows ViT."""
-
     def __init__(self, dim=DIM, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=DROPOUT):
         super().__init__()
         self.heads, self.dropout = heads, dropout
@@ -110,7 +109,6 @@ def random_masking(noise, mask_ratio):
 class Encoder(nn.Module):
     """§2.1, Figure 2: bias-free patch embedding + 145 learnable positions, 12 blocks, LayerNorm,
     bias-free projection; it sees the kept patches and the dummy (pre-training) or all 145."""
-
     def __init__(self, depth=ENCODER_DEPTH):
         super().__init__()
         self.patch_embed = nn.Linear(PATCH_DIM, DIM, bias=False)     # §3.1: no bias outside the layers
@@ -135,7 +133,6 @@ class Decoder(nn.Module):
     """§2.2: the encoded visible tokens and one shared learnable mask token at each masked
     position, in image order, + the decoder's own 145 positions; 4 blocks (dropout on, as in
     every transformer layer of §3.1); LayerNorm; bias-free projection to 27 pixels (§2.3)."""
-
     def __init__(self, depth=DECODER_DEPTH):
         super().__init__()
         self.mask_token = nn.Parameter(torch.randn(DIM))             # N(0, 1), as the positions
@@ -156,9 +153,7 @@ class Decoder(nn.Module):
 
 class MAE(nn.Module):
     """Pre-training (Figure 1): normalized images (B, 3, 36, 36) -> Eq. 1's loss, the predicted
-    patches (B, 144, 27), the mask (B, 144). `noise` (B, 144) chooses the mask (fixed masks for
-    evaluation and the bench); drawn here unless given."""
-
+    patches (B, 144, 27), the mask (B, 144), chosen by `noise` (B, 144), drawn unless given."""
     def __init__(self, mask_ratio=0.75, alpha=0.1):
         super().__init__()
         self.mask_ratio, self.alpha = mask_ratio, alpha
@@ -174,7 +169,6 @@ class MAE(nn.Module):
 
 class Classifier(nn.Module):
     """Fine-tuning (§3.3): the encoder + a linear layer on the dummy's embedding."""
-
     def __init__(self, num_classes):
         super().__init__()
         self.encoder, self.head = Encoder(), nn.Linear(DIM, num_classes)
@@ -211,8 +205,7 @@ def learning_rate(step, peak, warmup_steps, total_steps, min_lr=0.0):
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 def layer_id(name, depth=ENCODER_DEPTH):
-    """Layer-wise decay's layer: patch embedding and positions 0, encoder block i is i + 1,
-    all after the blocks depth + 1 (= 13)."""
+    """Layer-wise decay's layer: embedding and positions 0, block i is i + 1, the rest 13."""
     if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
         return 0
     return int(name.split(".")[2]) + 1 if name.startswith("encoder.blocks.") else depth + 1
@@ -234,13 +227,12 @@ def make_optimizer(model, weight_decay, layer_decay, device):
     return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=0.0, fused=device.type == "cuda")
 
 
-# ==== Data and augmentation (§3, Tables 1-2) ===============================================
+# ==== Data and augmentation (§3, Tables 1-2) ===========================================
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, nothing written."""
 
 def load_cifar(dataset, root, split):
-    """uint8 images (N, 3, 32, 32), int64 labels (N,) of the "train" or "test" split, by
-    torchvision (download, md5 check); "cifar10+cifar100" concatenates the two."""
+    """uint8 images (N, 3, 32, 32), labels (N,) of a split, by torchvision (download, md5 check)."""
     images, labels = [], []
     for name in dataset.split("+"):
         kind = getattr(torchvision.datasets, name.upper())          # CIFAR10 or CIFAR100
@@ -251,22 +243,20 @@ def load_cifar(dataset, root, split):
                 data = kind(root, train=split == "train", download=True)
         except Exception as e:
             folder, check = os.path.join(root, kind.base_folder), torchvision.datasets.cifar.check_integrity
-            files = [*kind.train_list, *kind.test_list, (kind.meta["filename"], kind.meta["md5"])]
-            bad = ", ".join(f for f, md5 in files if not check(os.path.join(folder, f), md5)) or "a file"
-            raise UsageError(f"{name}: {bad} missing or corrupt in {folder}, and the download failed "
+            bad = [f for f, *_, md5 in [*kind.train_list, *kind.test_list, kind.meta.values()]
+                   if not check(os.path.join(folder, f), md5)]
+            raise UsageError(f"{name}: {', '.join(bad) or 'a file'} missing or corrupt in {folder}, and the download failed "
                              f"({type(e).__name__}); put the CIFAR python batches there or run once online") from None
         images.append(torch.from_numpy(data.data).permute(0, 3, 1, 2))   # (N, 32, 32, 3) -> (N, 3, 32, 32)
         labels.append(torch.tensor(data.targets))
     return torch.cat(images).contiguous(), torch.cat(labels)
 
 def normalize(images):
-    """uint8 or [0, 255] float -> (x / 255 - mean) / std, as float32."""
-    return (images.float() / 255 - MEAN) / STD
+    return (images.float() / 255 - MEAN) / STD                       # uint8 -> float32 (Tables 1-2)
 
 def crop_boxes(batch, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
-    """RandomResizedCrop.get_params and RandomHorizontalFlip(0.5) of torchvision, drawn for a
-    whole batch at once on the device (torchvision draws one image's box per call): top, left,
-    h, w (float tensors of whole numbers) and flip, each (B,)."""
+    """torchvision's RandomResizedCrop.get_params and RandomHorizontalFlip(0.5) for a whole batch
+    at once on the device (torchvision: one image per call). top, left, h, w, flip, each (B,)."""
     area = H * W * torch.empty(batch, 10, device=device).uniform_(*scale)  # 10 tries per image,
     log_ratio = torch.empty(batch, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     w, h = (area * log_ratio.exp()).sqrt().round(), (area / log_ratio.exp()).sqrt().round()   # (B, 10)
@@ -278,91 +268,64 @@ def crop_boxes(batch, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     return top, left, h, w, torch.rand(batch, device=device) < 0.5
 
 def crop_resize(images, top, left, h, w, flip, size=IMAGE_SIZE):
-    """Each image cropped to its box, resized to size x size (bilinear) and flipped where asked,
-    in one grid_sample: torchvision's resized_crop + hflip, pixel for pixel. (roi_align of
-    torchvision.ops crops and resizes boxes too, but blends in pixels from outside each box
-    along its edges, and cannot flip.) uint8 (B, 3, H, W) -> float (B, 3, size, size), 0-255."""
+    """Each image cropped to its box, resized (bilinear) and flipped where asked in one grid_sample: resized_crop
+    + hflip, pixel for pixel (roi_align blends in pixels from outside a box's edges, and cannot flip)."""
     B, _, H, W = images.shape
-    k = torch.arange(size, device=images.device) + 0.5           # output pixel centres
-    # Each output pixel's source (F.interpolate's half-pixel rule), clamped to the box as
-    # cropping before resizing does; flipping reverses the columns.
-    xs = (left[:, None] + k * (w / size)[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
+    k = torch.arange(size, device=images.device) + 0.5   # output pixel centres; their sources (half-pixel rule)
+    xs = (left[:, None] + k * (w / size)[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])  # in the box
     ys = (top[:, None] + k * (h / size)[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
-    xs = torch.where(flip[:, None], xs.flip(1), xs)                        # (B, size)
+    xs = torch.where(flip[:, None], xs.flip(1), xs)                        # (B, size); a flip reverses them
     xs, ys = (2 * xs + 1) / W - 1, (2 * ys + 1) / H - 1                    # pixels -> [-1, 1]
     grid = torch.stack([xs[:, None, :].expand(B, size, size), ys[:, :, None].expand(B, size, size)], -1)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 def crop_flip_normalize(images, scale):
-    """Training augmentation on the device: a random resized crop of `scale` (Table 1: [0.6, 1],
-    Table 2: [0.8, 1]) from 32x32 straight to 36x36 (one interpolation, not two), flip p = 0.5,
-    normalization. uint8 (B, 3, 32, 32) -> float (B, 3, 36, 36)."""
+    """Augmentation on the device: a random resized crop of `scale` (Table 1: [0.6, 1], Table 2:
+    [0.8, 1]) from 32x32 straight to 36x36 (one interpolation, not two), flip p = 0.5, normalize."""
     return normalize(crop_resize(images, *crop_boxes(len(images), *images.shape[2:], scale, device=images.device)))
 
-def resize_test(images):
-    """Test images: a plain bilinear resize 32 -> 36, no augmentation. (B, 3, 36, 36)."""
+def resize_test(images):                         # test images: a plain bilinear 32 -> 36, no augmentation
     return F.interpolate(images.float(), size=IMAGE_SIZE, mode="bilinear", align_corners=False)
 
 class AutoAugmented(torch.utils.data.Dataset):
-    """Table 2's AutoAugment, CIFAR-10 policy (on CIFAR-100 too, §3.3), per image in DataLoader
-    workers, on the 32x32 image before the device's crop and flip (the paper gives no order;
-    this one keeps the CPU's share small). Items are (index, seed): an image's draws depend on
-    its seed only, so a resumed run sees what an unbroken one would."""
-
+    """Table 2's AutoAugment, CIFAR-10 policy (on CIFAR-100 too, §3.3), per image in DataLoader workers, on the
+    32x32 image before the device's crop and flip (the paper gives no order; this keeps the CPU's share small).
+    Items are (index, seed): an image's draws depend on its seed only, so resuming changes nothing."""
     def __init__(self, images, labels):
         self.images, self.labels, self.policy = images, labels, T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
-
-    def __len__(self):
-        return len(self.images)
 
     def __getitem__(self, item):
         with torch.random.fork_rng(devices=[]):                    # leaves the caller's RNG alone
             torch.default_generator.manual_seed(item[1])
             return TF.pil_to_tensor(self.policy(TF.to_pil_image(self.images[item[0]]))), self.labels[item[0]]
 
-def epoch_order(n, seed, epoch):
-    """The data order of one epoch, from its own generator: (n,) int64 on the CPU."""
+def epoch_order(n, seed, epoch):                 # an epoch's data order, from its own generator
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
-class RunBatches(torch.utils.data.Sampler):
-    """All fine-tuning batches of a run as lists of (index, seed), epoch after epoch, so that
-    one DataLoader pass serves the run and its workers keep augmenting through each epoch's
-    end and evaluation. An epoch's last partial batch is dropped (fixed shapes); `first` =
-    (epoch, batch) is where a resumed run starts."""
+def run_batches(n, batch_size, seed, epochs, first=(0, 0)):
+    """A run's fine-tuning batches of (index, seed) from `first` = (epoch, batch), full ones only: one DataLoader
+    pass serves the whole run, so its workers go on augmenting through each epoch's end and evaluation."""
+    for epoch in range(first[0], epochs):
+        order, base = epoch_order(n, seed, epoch).tolist(), (seed * 1_000_003 + epoch) * n % 2 ** 62  # < 2^63
+        for b in range(first[1] if epoch == first[0] else 0, n // batch_size):
+            yield [(order[i], base + i) for i in range(b * batch_size, (b + 1) * batch_size)]
 
-    def __init__(self, n, batch_size, seed, epochs):
-        self.n, self.batch_size, self.seed, self.epochs, self.first = n, batch_size, seed, epochs, (0, 0)
+def autoaugment_loader(images, labels, batches, num_workers, pin_memory):
+    return torch.utils.data.DataLoader(   # its own generator: its seed draw must not move the global RNG
+        AutoAugmented(images, labels), batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals, generator=torch.Generator())
 
-    def __iter__(self):
-        for epoch in range(self.first[0], self.epochs):
-            order = epoch_order(self.n, self.seed, epoch).tolist()
-            base = (self.seed * 1_000_003 + epoch) * self.n % 2 ** 62    # below manual_seed's 2^63
-            for b in range(self.first[1] if epoch == self.first[0] else 0, self.n // self.batch_size):
-                yield [(order[i], base + i) for i in range(b * self.batch_size, (b + 1) * self.batch_size)]
-
-def autoaugment_loader(images, labels, batch_size, seed, epochs, num_workers, pin_memory):
-    """The run's batches of AutoAugmented uint8 images, and their sampler."""
-    sampler = RunBatches(len(images), batch_size, seed, epochs)
-    return torch.utils.data.DataLoader(
-        AutoAugmented(images, labels), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator()), sampler          # its seed draw must not move the global RNG
-
-def ignore_stop_signals(worker_id):
-    """Ctrl-C and SIGTERM often reach the whole process group: the main process saves and
-    exits, and the DataLoader then ends its workers."""
+def ignore_stop_signals(worker_id):       # Ctrl-C and SIGTERM often reach the whole process group
     for s in StopRequest.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
-# ==== The training loop of both stages (they differ in data, loss and lr groups) ===========
-def autocast(args):
-    """bf16 autocast where --amp is on; weights, AdamW states and the loss stay fp32."""
+# ==== The training loop of both stages (they differ in data, loss and lr groups) ========
+def autocast(args):                       # bf16 where --amp is on; weights, AdamW states, loss stay fp32
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
 
 def train_step(opt, step_loss, batch, lr, args):
-    """One AdamW step at `lr` (a plain float: a new value never recompiles); returns the loss,
-    still on the device."""
+    """One AdamW step at `lr` (a float: a new value never recompiles); the loss stays on the device."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     with autocast(args):
@@ -373,9 +336,8 @@ def train_step(opt, step_loss, batch, lr, args):
     return loss.detach()
 
 class StopRequest:
-    """While active, Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption notice) only sets
-    `requested`: the loop ends its step, saves and exits with 128 + the signal's number. The
-    same signal again acts at once (checkpoints are written atomically)."""
+    """While active, Ctrl-C or SIGTERM (a cluster's pre-emption) only sets `requested`: the loop ends its step,
+    saves and exits with 128 + the signal's number. The same signal again acts at once."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
@@ -385,8 +347,8 @@ class StopRequest:
     def handler(self, signum, frame):
         self.requested = signum
         signal.signal(signum, self.previous[signum])
-        os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step (send it "
-                    f"again to quit at once)\n".encode())    # not print(), which is not reentrant
+        os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step (send it again to quit at "
+                    f"once)\n".encode())                   # not print(), which is not reentrant
 
     def __exit__(self, *exc):
         for s, previous in self.previous.items():
@@ -396,41 +358,38 @@ def note(text):
     print(f"note: {text}", file=sys.stderr, flush=True)
 
 def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch: {}):
-    """model: the raw module (saved); step_loss(batch) -> loss runs the (compiled) model;
-    batches(epoch, start) yields the epoch's device batches from batch `start`; evaluate(epoch)
-    -> that epoch's metrics. Returns the last loss and metrics, and (best accuracy, epoch)."""
+    """model: the raw module (saved); step_loss(batch) runs the (compiled) model; batches(epoch,
+    start) yields an epoch's device batches from `start`; evaluate(epoch) -> that epoch's metrics."""
     device, checkpoint = torch.device(args.device), os.path.join(args.out, "checkpoint.pth")
     opt = make_optimizer(model, args.weight_decay, args.layer_decay, device)
     peak, total, warmup = peak_lr(args.base_lr, args.batch_size), args.epochs * steps, args.warmup_epochs * steps
-    own = f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain" else f"layer decay {args.layer_decay:g}"
-    print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} ({steps} steps per "
-          f"epoch), peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x {args.batch_size} / 256), weight decay "
-          f"{args.weight_decay:g}, {own}; {args.device}, compile {'on' if args.compile else 'off'}, bf16 "
+    print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} ({steps} steps per epoch), "
+          f"peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x {args.batch_size} / 256), weight decay {args.weight_decay:g}, "
+          + (f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain" else f"layer decay "
+             f"{args.layer_decay:g}") + f"; {args.device}, compile {'on' if args.compile else 'off'}, bf16 "
           f"{'on' if args.amp else 'off'}", flush=True)
     if args.warmup_epochs >= args.epochs:
-        note(f"the warm-up ({args.warmup_epochs} epochs) is not shorter than the run ({args.epochs}), so the lr "
-             f"never reaches its peak; set --warmup-epochs")
-    epoch, start, best = 0, 0, (None, None)
+        note(f"the warm-up ({args.warmup_epochs} epochs) is not shorter than the run ({args.epochs}), so the lr never "
+             f"reaches its peak; set --warmup-epochs")
+    epoch, start, loss, ends = 0, 0, None, []      # ends: this process's epoch end times, for the ETA
     if resume:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        epoch, start, best = resume["epoch"], resume["batch"], tuple(resume.get("best", best))
+        epoch, start = resume["epoch"], resume["batch"]
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and resume["rng_cuda"]:
             torch.cuda.set_rng_state_all(resume["rng_cuda"])
 
-    def save(epoch, batch):                          # all that an exact resume needs; after a signal, exit
-        state = dict(stage=args.stage, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                     batch=batch, step=epoch * steps + batch, args=vars(args), best=best, rng_cpu=torch.get_rng_state(),
+    def save(epoch, batch):                      # all that an exact resume needs; after a signal, exit
+        state = dict(stage=args.stage, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, batch=batch,
+                     step=epoch * steps + batch, args=vars(args), rng_cpu=torch.get_rng_state(),
                      rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
         replace_file(checkpoint, lambda tmp: torch.save(state, tmp))
         if stop.requested:
-            print(f"interrupted ({signal.Signals(stop.requested).name}) after step {epoch * steps + batch} ({epoch} "
-                  f"epochs done); checkpoint saved. Resume with: python mae_vit.py --stage {args.stage} --out "
-                  f"{args.out} --resume", flush=True)
+            print(f"interrupted ({signal.Signals(stop.requested).name}) after step {epoch * steps + batch} ({epoch} epochs "
+                  f"done); checkpoint saved. Resume with: python mae_vit.py --stage {args.stage} --out {args.out} --resume")
             raise SystemExit(128 + stop.requested)   # 130 for Ctrl-C, 143 for SIGTERM
 
-    first_epoch, loss, metrics = epoch, None, {}
     model.train()
     with StopRequest() as stop:
         for epoch in range(epoch, args.epochs):
@@ -448,63 +407,45 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
             loss = loss_sum.item() / (done - start)                  # the epoch's one host sync
             if not math.isfinite(loss):
                 kept = f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint) else "no checkpoint"
-                raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step {int(bad_step) + 1}; stopped "
-                                 f"without saving ({kept})")
+                raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step {int(bad_step) + 1}; stopped without "
+                                 f"saving ({kept})")
             if done < steps:                                         # a signal, mid-epoch
                 save(epoch, done)
             seconds = time.time() - t0
-            ips = (done - start) * args.batch_size / seconds         # training only, no eval
-            start, metrics = 0, evaluate(epoch + 1)
+            ips, start = (done - start) * args.batch_size / seconds, 0   # training only, no eval
+            row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "accuracy": None, **evaluate(epoch + 1)}
             model.train()
-            if metrics.get("accuracy") is not None and (best[0] is None or metrics["accuracy"] > best[0]):
-                best = (metrics["accuracy"], epoch + 1)
-            if epoch == first_epoch:       # the ETA leaves out this process's first epoch: it compiles,
-                t_first = time.time()      # and after --resume it may have begun mid-epoch
-            timed = epoch - first_epoch
-            eta = (args.epochs - epoch - 1) * ((time.time() - t_first) / timed if timed else time.time() - t0)
-            eta = (f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-                   if timed or not (args.compile and eta) else "ETA after the next epoch")
-            row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "accuracy": None, **metrics, "images_per_s": ips,
-                   "seconds": seconds}
-            shown = "" if row["accuracy"] is None else f" | test acc {100 * row['accuracy']:.2f}%"
-            if best[0] is not None:
-                row.update(best_accuracy=best[0], best_epoch=best[1])
-                shown += f" (best {100 * best[0]:.2f}% at epoch {best[1]})"
-            append_line(os.path.join(args.out, "metrics.jsonl"), row)
+            ends.append(time.time())     # the ETA leaves out this process's first epoch: it compiles, and
+            eta = (args.epochs - epoch - 1) * ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0] - t0)
+            eta = (f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"   # after --resume it
+                   if len(ends) > 1 or not (args.compile and eta) else "ETA after the next epoch")  # may be partial
+            shown = "".join(f" | {name} {100 * row[key]:.2f}%" for key, name in SHOWN.items() if row.get(key) is not None)
+            append_line(os.path.join(args.out, "metrics.jsonl"), {**row, "images_per_s": ips, "seconds": seconds})
             print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | lr {lr:.2e}{shown} | {ips:,.0f} img/s | "
                   f"{seconds:.1f} s | {eta}", flush=True)
             if stop.requested or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 save(epoch + 1, 0)
-    return loss, metrics, best
+    return loss
+
+SHOWN = {"accuracy": "test acc"}                 # the metrics an epoch's console line shows
 
 def test_batches(images, limit):
-    """Resized, normalized, unaugmented batches of uint8 images, all of one size (the largest
-    <= limit that divides N): a compiled model compiles once, and no image is left out."""
+    """(start, batch) of test images, all of the largest size <= limit that divides N (one graph, none left out)."""
     bs = max(d for d in range(1, min(len(images), limit) + 1) if len(images) % d == 0)
-    return (normalize(resize_test(images[i:i + bs])) for i in range(0, len(images), bs))
+    return ((i, normalize(resize_test(images[i:i + bs]))) for i in range(0, len(images), bs))
 
 @torch.no_grad()
 def accuracy_on(model, images, labels, args):
     """Top-1 accuracy on uint8 test images (N, 3, 32, 32) already on the device."""
     model.eval()
     with autocast(args):
-        predicted = torch.cat([model(x).argmax(1) for x in test_batches(images, args.batch_size)])
+        predicted = torch.cat([model(x).argmax(1) for _, x in test_batches(images, args.batch_size)])
     return int((predicted == labels).sum()) / len(images)
 
 @torch.no_grad()
-def reconstruction_loss(model, images, noise, args):
-    """Eq. 1 on the test images, each masked by its fixed row of `noise` (N, 144)."""
-    model.eval()
-    total, i = 0.0, 0
-    with autocast(args):
-        for x in test_batches(images, args.batch_size):
-            total, i = total + model(x, noise[i:i + len(x)])[0].float() * len(x), i + len(x)
-    return float(total) / len(images)
-
-@torch.no_grad()
 def save_reconstructions(mae, images, noise, path, args):
-    """Figure 4: original | masked (grey) | reconstruction of each uint8 image, two triplets a
-    row; the reconstruction is the decoder's output on every patch, the visible ones too."""
+    """Figure 4: original | masked (grey) | reconstruction of each uint8 image, two triplets a row;
+    the reconstruction is the decoder's output on every patch, the visible ones too (Eq. 1)."""
     mae.eval()
     x = normalize(resize_test(images))
     with autocast(args):
@@ -514,15 +455,13 @@ def save_reconstructions(mae, images, noise, path, args):
     replace_file(path, lambda tmp: torchvision.utils.save_image(triplets, tmp, format="png", nrow=6, padding=2))
 
 
-# ==== Checkpoints and logs: plain values (they load with weights_only=True), written so that
-# a kill or a full disk keeps the last good copy =============================================
-RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs",
-            "mask_ratio", "alpha", "layer_decay", "crop_scale", "seed", "init")   # fixed for a run
+# ==== Checkpoints and logs: plain values (weights_only=True), written so a kill or full disk keeps the last copy
+RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs", "mask_ratio", "alpha",
+            "layer_decay", "crop_scale", "seed", "init")                     # fixed for a run
 CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "batch", "step", "args", "rng_cpu", "rng_cuda"}
 
 def replace_file(path, write):
-    """write(tmp) to path + '.tmp', then rename it over path (atomic). If that fails (a full
-    disk, a lost mount) the run stops with one line, exit 1, and path is unchanged."""
+    """write(tmp), then rename tmp over path (atomic); on failure, one line, exit 1, path unchanged."""
     try:
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -531,8 +470,7 @@ def replace_file(path, write):
             os.remove(path + ".tmp")
         write_failed(path, e)
 
-def append_line(path, row):
-    """One JSON line at the end of path (metrics.jsonl)."""
+def append_line(path, row):                      # one JSON line at the end of metrics.jsonl
     try:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -544,9 +482,8 @@ def write_failed(path, e):
     raise SystemExit(f"error: could not write {path} ({why}); stopped, the files written before are unchanged")
 
 def load_checkpoint(path):
-    """A checkpoint of this program, checked before anything uses it: the keys that resume and
-    eval read, then a strict load into a model on the meta device (no memory, no random draws),
-    whose complaint about missing, unexpected or mis-shaped weights becomes one line."""
+    """A checkpoint of ours, checked: the keys resume and eval read; a strict load into a meta model (no memory,
+    no random draws), its complaint made one line."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     try:
@@ -569,7 +506,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-# ==== Stages ==============================================================================
+# ==== Stages ===========================================================================
 def setup_device(args):
     if torch.device(args.device).type == "cuda":
         torch.set_float32_matmul_precision("high")     # a choice: TF32 products in fp32 (--no-amp) runs
@@ -581,19 +518,18 @@ def maybe_compile(model, args):
     return torch.compile(model, dynamic=False) if args.compile else model
 
 def steps_per_epoch(num_images, args, resume):
-    """Full batches only: the last partial one is dropped (fixed shapes, one graph). A resumed
-    run must see the training set it started on, or its position means nothing."""
+    """Full batches only (fixed shapes); a resumed run must see the training set it started on."""
     if num_images < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {num_images} training images")
     steps = num_images // args.batch_size
     if resume and (resume["batch"] >= steps or resume["step"] != resume["epoch"] * steps + resume["batch"]):
-        raise UsageError(f"{args.data_dir} holds {num_images} training images ({steps} batches per epoch), not "
-                         f"the set the run in {args.out} trained on; resume it with its own --data-dir")
+        raise UsageError(f"{args.data_dir} holds {num_images} training images ({steps} batches per epoch), not the set "
+                         f"the run in {args.out} trained on; resume it with its own --data-dir")
     return steps
 
 def pretrain(args, resume):
-    """§3.2, Table 1. The uint8 training set lives on the device, where each batch's order,
-    crops, flips and masks are drawn: no DataLoader, no host work per step."""
+    """§3.2, Table 1. The uint8 training set lives on the device, where each batch's order, crops,
+    flips and masks are drawn: no DataLoader, no host work per step."""
     device = setup_device(args)
     images, _ = load_cifar(args.dataset, args.data_dir, "train")
     steps = steps_per_epoch(len(images), args, resume)
@@ -602,48 +538,43 @@ def pretrain(args, resume):
     print(f"parameters: {count_parameters(model):,} (encoder {count_parameters(model.encoder):,})", flush=True)
     compiled = maybe_compile(model, args)
 
-    def batches(epoch, start):
+    def batches(epoch, start):                   # (B, 3, 32, 32) uint8, picked on the device
         order = epoch_order(len(images), args.seed, epoch).to(device)
-        for b in range(start, steps):
-            yield images[order[b * args.batch_size:(b + 1) * args.batch_size]]   # (B, 3, 32, 32) uint8
+        return (images[order[b * args.batch_size:(b + 1) * args.batch_size]] for b in range(start, steps))
 
-    loss, _, _ = train(args, model, lambda batch: compiled(crop_flip_normalize(batch, args.crop_scale))[0],
-                       batches, steps, resume)
-    return dict(final_loss=loss)
+    step_loss = lambda x: compiled(crop_flip_normalize(x, args.crop_scale))[0]
+    return dict(final_loss=train(args, model, step_loss, batches, steps, resume))
 
 def finetune(args, resume):
     """§3.3, Table 2: the encoder (pre-trained, from --init; else from scratch) + a linear head."""
     device, model = setup_device(args), Classifier(CLASSES[args.dataset])
     if args.init and not resume:
-        model.encoder.load_state_dict({k[8:]: v for k, v in load_checkpoint(args.init)["model"].items()
-                                       if k.startswith("encoder.")})
-    images, labels = load_cifar(args.dataset, args.data_dir, "train")
-    test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
+        init = load_checkpoint(args.init)
+        if init["stage"] != "pretrain":
+            raise UsageError(f"--init {args.init} is a {init['stage']} checkpoint; fine-tuning starts from a pretrain "
+                             f"checkpoint (continue a run with --resume)")
+        model.encoder.load_state_dict({k[8:]: v for k, v in init["model"].items() if k.startswith("encoder.")})
+    (images, labels), (test_images, test_labels) = (load_cifar(args.dataset, args.data_dir, s) for s in ("train", "test"))
     steps = steps_per_epoch(len(images), args, resume)
     prepare_out(args, resume)
-    model = model.to(device)
+    model, test_images, test_labels = model.to(device), test_images.to(device), test_labels.to(device)
     print(f"parameters: {count_parameters(model):,}", flush=True)
     compiled = maybe_compile(model, args)
-    loader, sampler = autoaugment_loader(images, labels, args.batch_size, args.seed, args.epochs, args.num_workers,
-                                         pin_memory=device.type == "cuda")
-    test_images, test_labels, stream = test_images.to(device), test_labels.to(device), None
-
-    def batches(epoch, start):                # one loader pass for the run, begun at its first epoch
-        nonlocal stream
-        if stream is None:
-            sampler.first = (epoch, start)           # before iter(): the workers prefetch at once
-            stream = iter(loader)
-        for _ in range(start, steps):
-            x, y = next(stream)
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-    loss, metrics, (best, best_epoch) = train(
-        args, model, lambda b: F.cross_entropy(compiled(crop_flip_normalize(b[0], args.crop_scale)), b[1]),
-        batches, steps, resume, lambda epoch: dict(accuracy=accuracy_on(compiled, test_images, test_labels, args)))
-    if best is not None:   # §4.2: CIFAR-100 overfits after ~50 epochs; a peak chosen on the test split
-        print(f"best test accuracy {100 * best:.2f}% at epoch {best_epoch} (chosen on the test split, so "
-              f"optimistic; the last epoch's: {100 * metrics['accuracy']:.2f}%)")
-    return dict(final_loss=loss, test_accuracy=metrics.get("accuracy"), best_test_accuracy=best, best_epoch=best_epoch)
+    order = run_batches(len(images), args.batch_size, args.seed, args.epochs, (resume["epoch"], resume["batch"]) if resume
+                        else (0, 0))
+    stream = iter(autoaugment_loader(images, labels, order, args.num_workers, device.type == "cuda"))  # one pass
+    batches = lambda epoch, start: ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                                    for x, y in (next(stream) for _ in range(start, steps)))
+    step_loss = lambda b: F.cross_entropy(compiled(crop_flip_normalize(b[0], args.crop_scale)), b[1])
+    loss = train(args, model, step_loss, batches, steps, resume,
+                 lambda epoch: dict(accuracy=accuracy_on(compiled, test_images, test_labels, args)))
+    # §4.2: CIFAR-100 overfits after ~50 epochs, so the best epoch too, read from the run's whole log
+    rows = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    best = max(rows, key=lambda row: row["accuracy"])
+    print(f"best test accuracy {100 * best['accuracy']:.2f}% at epoch {best['epoch']} (chosen on the test split, so "
+          f"optimistic; the last epoch's: {100 * rows[-1]['accuracy']:.2f}%)")
+    return dict(final_loss=loss, test_accuracy=rows[-1]["accuracy"], best_test_accuracy=best["accuracy"],
+                best_epoch=best["epoch"])
 
 def evaluate_stage(args, ckpt):
     """Top-1 accuracy of a fine-tuned checkpoint; for a pre-trained one Eq. 1's loss on the test
@@ -660,19 +591,19 @@ def evaluate_stage(args, ckpt):
         print(f"test accuracy: {100 * result['test_accuracy']:.2f}%")
     else:
         noise = torch.rand(len(images), NUM_PATCHES, device=device, generator=torch.Generator(device).manual_seed(args.seed))
-        result.update(test_loss=reconstruction_loss(compiled, images, noise, args),
-                      reconstructions=os.path.join(args.out, "reconstructions.png"))
+        with torch.no_grad(), autocast(args):                  # each image masked by its fixed row of noise
+            losses = [float(compiled.eval()(x, noise[i:i + len(x)])[0]) * len(x) for i, x in test_batches(images, args.batch_size)]
+        result.update(test_loss=sum(losses) / len(images), reconstructions=os.path.join(args.out, "reconstructions.png"))
         print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}")
         save_reconstructions(model, images[:8], noise[:8], result["reconstructions"], args)
     append_line(os.path.join(args.out, "metrics.jsonl"), result)
     return result
 
 
-# ==== Speed only: attention kernels and --stage bench. Nothing here changes the math (a GPU
-# test checks that the kernels agree) ========================================================
-# FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys, then the backward pass's
-# two loops), each the fastest measured on an H200 with torch 2.11, from which it is used;
-# flash attention's 128-query tiles would pad 145 tokens to 256.
+# ==== Speed only: attention kernels and --stage bench; the math is the same (a GPU test checks the kernels)
+# FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys, then the backward pass's two
+# loops), each the fastest measured on an H200 with torch 2.11, from which it is used; flash
+# attention's 128-query tiles would pad 145 tokens to 256.
 FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
 if torch.__version__ >= "2.11":          # a TorchVersion: compared as a version, not as text
     from torch.nn.attention.flex_attention import flex_attention
@@ -680,10 +611,8 @@ else:
     flex_attention = None
 
 def attention(q, k, v):
-    """softmax(q k^T / 8) v, (B, heads, N, 64). In bf16 on the GPU the 37 tokens of the
-    pre-training encoder go to the memory-efficient kernel and 145 tokens, when compiled, to
-    FlexAttention; all else (fp32, CPU, eager) is PyTorch's choice, which obeys an outer
-    sdpa_kernel(MATH)."""
+    """softmax(q k^T / 8) v, (B, heads, N, 64). bf16 on the GPU: 37 tokens (pre-training's encoder)
+    to the memory-efficient kernel, 145 when compiled to FlexAttention; all else is PyTorch's choice."""
     if q.is_cuda and q.dtype != torch.float32:
         if q.shape[2] <= 64:
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -693,34 +622,34 @@ def attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 def bench(args):
-    """img/s of both training steps (compiled where --compile is on, with their on-device
-    augmentation) on synthetic data after 2 warm-up steps; fine-tuning's AutoAugment loader on
-    its own; true MACs; the fast path's loss against fp32 with the math kernel and no TF32."""
+    """img/s of both training steps (as compiled as the runs, augmentation included) on synthetic data after 2
+    warm-up steps, and of fine-tuning's loader; true MACs; the fast path's loss against fp32, math kernel, no TF32."""
     from torch.utils.flop_counter import FlopCounterMode
     device = setup_device(args)
-    cuda, timed, sync = device.type == "cuda", 50 if device.type == "cuda" else 5, torch.cuda.synchronize
+    cuda, timed, counters = device.type == "cuda", 50 if device.type == "cuda" else 5, torch._dynamo.utils.counters
+    sync = torch.cuda.synchronize if cuda else lambda: None
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    counters.clear()
     pre_bs, fine_bs = args.batch_size or (1408 if cuda else 128), args.batch_size or (768 if cuda else 128)
     pool = torch.randint(0, 256, (4 * pre_bs, 3, 32, 32), dtype=torch.uint8, device=device)
-    x, y, noise = pool[:fine_bs], torch.randint(0, 10, (fine_bs,), device=device), torch.rand(pre_bs, NUM_PATCHES, device=device)
-    stages = {  # model, batch size, its training step's loss, a loss on one fixed batch and mask
-        "pretrain": (MAE().to(device), pre_bs, lambda m: m(crop_flip_normalize(pool[torch.randint(
-            0, len(pool), (pre_bs,), device=device)], PRETRAIN["crop_scale"]))[0],
-            lambda m: m(normalize(resize_test(pool[:pre_bs])), noise)[0]),
+    x, y, noise = pool[:fine_bs], torch.randint(0, 10, (fine_bs,), device=device), torch.rand(pre_bs, 144, device=device)
+    pick = lambda: pool[torch.randint(0, len(pool), (pre_bs,), device=device)]
+    stages = {  # model, batch size, the loss of its training step, a loss on one fixed batch and mask
+        "pretrain": (MAE().to(device), pre_bs, lambda m: m(crop_flip_normalize(pick(), PRETRAIN["crop_scale"]))[0],
+                     lambda m: m(normalize(resize_test(pool[:pre_bs])), noise)[0]),
         "finetune": (Classifier(10).to(device), fine_bs, lambda m: F.cross_entropy(m(crop_flip_normalize(
-            x, FINETUNE["crop_scale"])), y), lambda m: F.cross_entropy(m(normalize(resize_test(x))), y))}
-    ips, compiled, loss_rel_diff = {}, {s: maybe_compile(m, args) for s, (m, *_) in stages.items()}, {}
+                     x, FINETUNE["crop_scale"])), y), lambda m: F.cross_entropy(m(normalize(resize_test(x))), y))}
+    compiled, ips, loss_rel_diff = {s: maybe_compile(m, args) for s, (m, *_) in stages.items()}, {}, {}
     for stage, (model, bs, train_loss, _) in stages.items():
         opt = make_optimizer(model, 0.05, RECIPES[stage]["layer_decay"], device)
         for i in range(2 + timed):
             if i == 2:
-                sync() if cuda else None
+                sync()
                 t0 = time.perf_counter()
             train_step(opt, lambda _: train_loss(compiled[stage]), None, 1e-4, args)
-        sync() if cuda else None
+        sync()
         ips[stage] = timed * bs / (time.perf_counter() - t0)
-    graphs, precision = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]), torch.get_float32_matmul_precision()
+    graphs, precision = int(counters["stats"]["unique_graphs"]), torch.get_float32_matmul_precision()
     for stage, (model, _, _, fixed_loss) in stages.items():
         with torch.no_grad():
             model.eval()
@@ -731,32 +660,24 @@ def bench(args):
                 exact = fixed_loss(model)
             torch.set_float32_matmul_precision(precision)
         loss_rel_diff[stage] = float((fast - exact).abs() / exact)
-    skipped = 2 * max(1, args.num_workers)            # batches prefetched at start-up: not timed
+    skipped = 2 * max(1, args.num_workers)            # batches prefetched while the workers start: not timed
     fake = torch.randint(0, 256, ((skipped + (128 if cuda else 12)) * fine_bs, 3, 32, 32), dtype=torch.uint8)
-    for i, _ in enumerate(autoaugment_loader(fake, torch.zeros(len(fake)), fine_bs, 0, 1, args.num_workers, cuda)[0]):
+    for i, _ in enumerate(autoaugment_loader(fake, torch.zeros(len(fake)), run_batches(len(fake), fine_bs, 0, 1),
+                                             args.num_workers, cuda)):
         t0 = time.perf_counter() if i == skipped else t0
     loader_ips = (len(fake) - (skipped + 1) * fine_bs) / (time.perf_counter() - t0)
-    # MACs per image, counted on the model: the paper's 0.26 G is what a counter that skips
-    # nn.MultiheadAttention (thop) reports.
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         stages["finetune"][0](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
-    fine_ips = min(ips["finetune"], loader_ips)       # the two run side by side
-    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                  compile=args.compile, amp=args.amp, parameters=count_parameters(stages["finetune"][0]),
-                  macs_per_image=counter.get_total_flops() / 2, pretrain_batch=pre_bs, finetune_batch=fine_bs,
-                  pretrain_img_per_s=ips["pretrain"], finetune_step_img_per_s=ips["finetune"],
-                  finetune_loader_img_per_s=loader_ips, finetune_img_per_s=fine_ips, compiled_graphs=graphs,
-                  loss_rel_diff_vs_fp32=loss_rel_diff,
-                  projected_recipe_hours=(4000 * 50_000 / ips["pretrain"] + 300 * 50_000 / fine_ips) / 3600)
-    print(f"{result['device']}, torch {torch.__version__}, compile={args.compile}, bf16={args.amp}: pretrain "
-          f"{ips['pretrain']:,.0f} img/s (batch {pre_bs}), finetune {ips['finetune']:,.0f} (batch {fine_bs}), its "
-          f"AutoAugment loader {loader_ips:,.0f} ({args.num_workers} workers); {result['macs_per_image'] / 1e9:.3f} G "
-          f"MACs; {graphs} graphs; loss vs fp32 {loss_rel_diff['pretrain']:.1e} / {loss_rel_diff['finetune']:.1e}; "
-          f"the recipe (4000 + 300 epochs of 50,000 images) in {result['projected_recipe_hours']:.2f} h")
-    return result
+    fine_ips = min(ips["finetune"], loader_ips)       # the two run side by side. MACs: the paper's 0.26 G is thop's
+    return dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, compile=args.compile,
+                amp=args.amp, parameters=count_parameters(stages["finetune"][0]), macs_per_image=counter.get_total_flops() / 2,
+                pretrain_batch=pre_bs, finetune_batch=fine_bs, pretrain_img_per_s=ips["pretrain"],
+                finetune_step_img_per_s=ips["finetune"], finetune_loader_img_per_s=loader_ips, finetune_img_per_s=fine_ips,
+                compiled_graphs=graphs, loss_rel_diff_vs_fp32=loss_rel_diff,
+                projected_recipe_hours=(4000 * 50_000 / ips["pretrain"] + 300 * 50_000 / fine_ips) / 3600)
 
 
-# ==== Command line: each flag once, with its help and the check its value must pass ========
+# ==== Command line: each flag once, with its help, the check its value must pass, and the stages that read it
 def finite(text):
     """argparse type of the real-valued flags: nan and inf are refused at once."""
     if not math.isfinite(value := float(text)):
@@ -765,42 +686,40 @@ def finite(text):
 
 POSITIVE, NOT_NEGATIVE = (lambda v: v > 0, "{f} must be positive, got {v}"), (lambda v: v >= 0, "{f} must not be negative, got {v}")
 NOT_EMPTY = (lambda v: v != "", "{f} is empty")               # e.g. --init "$CKPT" with CKPT unset
-FLAGS = [  # flag, argparse keywords, (test, message) or None
-    ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1; finetune: Table 2; eval: a "
-                     "checkpoint on the test split; bench: speed on synthetic data"), None),
-    ("--dataset", dict(choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training"), None),
-    ("--data-dir", dict(help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)"), NOT_EMPTY),
-    ("--out", dict(help="output folder (default runs/<stage>-<dataset>, eval: runs/eval-<checkpoint's stage>-"
-                        "<dataset>)"), NOT_EMPTY),
-    ("--epochs", dict(type=int, help="Table 1: 4000, Table 2: 300"), POSITIVE),
-    ("--warmup-epochs", dict(type=int, help="Table 1: 400, Table 2: 20"), NOT_NEGATIVE),
-    ("--batch-size", dict(type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000"), POSITIVE),
-    ("--base-lr", dict(type=finite, help="Eq. 2's base; Table 1: 1.5e-4, Table 2: 1e-3"), POSITIVE),
-    ("--weight-decay", dict(type=finite, help="AdamW's; Tables 1-2: 0.05"), NOT_NEGATIVE),
-    ("--min-lr", dict(type=finite, help="the cosine's floor; §5 suggests ~20%% of the peak (default 0)"), NOT_NEGATIVE),
-    ("--mask-ratio", dict(type=finite, help="§2: 0.75"), (lambda v: 0 < v < 1 and 0 < int(NUM_PATCHES * (1 - v)) <
-     NUM_PATCHES, "{f} {v} must be in (0, 1) and leave at least one visible and one masked patch of 144")),
-    ("--alpha", dict(type=finite, help="Eq. 1's discount on the visible patches; Table 1: 0.1"), NOT_NEGATIVE),
+# Stages: p(retrain), f(inetune), e(val), b(ench). A recipe flag given to a stage that does not read it is
+# refused, not ignored, so that no one believes a run used a value it never saw; eval of a finetune
+# checkpoint also refuses what fine-tuning does not read (a classifier has no mask and no Eq. 1).
+FLAGS = [  # flag, argparse keywords, (test, message) or None, the stages that read it (None: all)
+    ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1, finetune: Table 2, eval: a "
+                     "checkpoint on the test split, bench: speed"), None, None),
+    ("--dataset", dict(choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training"), None, "pfe"),
+    ("--data-dir", dict(help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)"), NOT_EMPTY, None),
+    ("--out", dict(help="output folder (default runs/<stage>-<dataset>, eval: runs/eval-<its stage>-<dataset>)"),
+     NOT_EMPTY, None),
+    ("--epochs", dict(type=int, help="Table 1: 4000, Table 2: 300"), POSITIVE, "pf"),
+    ("--warmup-epochs", dict(type=int, help="Table 1: 400, Table 2: 20"), NOT_NEGATIVE, "pf"),
+    ("--batch-size", dict(type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000"), POSITIVE, None),
+    ("--base-lr", dict(type=finite, help="Eq. 2's base; Table 1: 1.5e-4, Table 2: 1e-3"), POSITIVE, "pf"),
+    ("--weight-decay", dict(type=finite, help="AdamW's; Tables 1-2: 0.05"), NOT_NEGATIVE, "pf"),
+    ("--min-lr", dict(type=finite, help="the cosine's floor; §5 suggests ~20%% of the peak (default 0)"), NOT_NEGATIVE, "pf"),
+    ("--mask-ratio", dict(type=finite, help="§2: 0.75"), (lambda v: 0 < v < 1 and 0 < int(NUM_PATCHES * (1 - v)) < 144,
+     "{f} {v} must be in (0, 1) and leave at least one visible and one masked patch of 144"), "pe"),
+    ("--alpha", dict(type=finite, help="Eq. 1's discount on the visible patches; Table 1: 0.1"), NOT_NEGATIVE, "pe"),
     ("--layer-decay", dict(type=finite, help="layer-wise lr decay; Table 2: 0.75 (pretrain: 1, none)"),
-     (lambda v: 0 < v <= 1, "{f} must be in (0, 1], got {v}")),
+     (lambda v: 0 < v <= 1, "{f} must be in (0, 1], got {v}"), "pf"),
     ("--crop-scale", dict(type=finite, nargs=2, metavar=("MIN", "MAX"), help="random resized crop's area; Table 1: "
-     "0.6 1, Table 2: 0.8 1"), (lambda v: 0 < v[0] <= v[1] <= 1, "{f} must be MIN MAX, 0 < MIN <= MAX <= 1, got {v}")),
-    ("--init", dict(help="finetune: a pretrain checkpoint (absent: from scratch); eval: the checkpoint"), NOT_EMPTY),
-    ("--resume", dict(action="store_true", help="continue the run in --out from its checkpoint.pth"), None),
-    ("--save-every", dict(type=int, help="epochs between checkpoints, and one at the end (default 20)"), POSITIVE),
-    ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"), None),
-    ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: on cuda, not eval)"), None),
-    ("--amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on cuda)"), None),
+     "0.6 1, Table 2: 0.8 1"), (lambda v: 0 < v[0] <= v[1] <= 1, "{f} must be MIN MAX in (0, 1], MIN <= MAX, got {v}"), "pf"),
+    ("--init", dict(help="finetune: a pretrain checkpoint (absent: from scratch); eval: the checkpoint"), NOT_EMPTY, None),
+    ("--resume", dict(action="store_true", help="continue the run in --out from its checkpoint.pth"), None, None),
+    ("--save-every", dict(type=int, help="epochs between checkpoints, and one at the end (default 20)"), POSITIVE, "pf"),
+    ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"), None, None),
+    ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: on cuda, not eval)"),
+     None, None),
+    ("--amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on cuda)"), None, None),
     ("--seed", dict(type=int, help="the one seed of a run, as in §3 (default 0)"),
-     (lambda v: 0 <= v < 2 ** 32, "{f} must be in [0, 2^32), got {v}")),
+     (lambda v: 0 <= v < 2 ** 32, "{f} must be in [0, 2^32), got {v}"), None),
     ("--num-workers", dict(type=int, default=min(16, os.cpu_count() or 1), help="fine-tuning's AutoAugment workers "
-     "(default: the cores, at most 16)"), NOT_NEGATIVE)]
-# Recipe flags that a stage never reads are refused rather than ignored, so that no one believes
-# a run used a value it never saw; eval of a finetune checkpoint refuses the pre-training ones.
-UNUSED = {"pretrain": (), "finetune": ("mask_ratio", "alpha"),
-          "eval": ("epochs", "warmup_epochs", "base_lr", "weight_decay", "min_lr", "layer_decay", "crop_scale", "save_every"),
-          "bench": ("dataset", "epochs", "warmup_epochs", "base_lr", "weight_decay", "min_lr", "mask_ratio", "alpha",
-                    "layer_decay", "crop_scale", "save_every")}
+     "(default: the cores, at most 16)"), NOT_NEGATIVE, None)]
 
 def flag(key):
     return "--" + key.replace("_", "-")              # batch_size -> --batch-size, for messages
@@ -809,44 +728,39 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset recipe values come from Table 1 (pretrain) or Table 2 (finetune).")
     p.error = lambda message: p.exit(2, f"error: {message}\n")     # one line, exit 2
-    for name, keywords, _ in FLAGS:
+    for name, keywords, *_ in FLAGS:
         p.add_argument(name, **keywords)
     args = p.parse_args(argv)
     args.crop_scale = args.crop_scale and tuple(args.crop_scale)   # as a run saves it
     return args
 
 def resolve(args):
-    """Check what was given; fill the rest from the run being resumed, then from the recipes;
-    check the whole. All before anything is written. Returns the checkpoint the run starts from."""
-    for name, _, check in FLAGS:
-        value = getattr(args, name[2:].replace("-", "_"))
-        if check and value is not None and not check[0](value):
+    """Check what was given; fill the rest from the resumed run, then the recipes; check the whole; all before
+    anything is written. Returns the checkpoint the run starts from."""
+    state = load_checkpoint(args.init) if args.stage == "eval" and args.init else None
+    classifier = state is not None and state["stage"] == "finetune"
+    for name, _, check, reads in FLAGS:
+        if (value := getattr(args, name[2:].replace("-", "_"))) is not None and check and not check[0](value):
             raise UsageError(check[1].format(f=name, v=value))
+        if value is not None and reads and (args.stage[0] not in reads or classifier and "f" not in reads):
+            raise UsageError(f"{name} has no effect on {'eval of a finetune checkpoint' if classifier else '--stage ' + args.stage}; drop it")
     if args.stage == "eval" and not args.init:
         raise UsageError("--stage eval needs --init CHECKPOINT")
-    state = load_checkpoint(args.init) if args.stage == "eval" else None
-    of_classifier = state is not None and state["stage"] == "finetune"
-    for key in UNUSED[args.stage] + (UNUSED["finetune"] if of_classifier else ()):
-        if getattr(args, key) is not None:
-            where = "eval of a finetune checkpoint" if of_classifier else f"--stage {args.stage}"
-            raise UsageError(f"{flag(key)} has no effect on {where}; drop it")
     if args.resume:
         if args.stage not in ("pretrain", "finetune") or args.out is None:
             raise UsageError("--resume continues the pretrain or finetune run in --out DIR")
         state = load_checkpoint(os.path.join(args.out, "checkpoint.pth"))
         saved, begun = state["args"], state["epoch"] + (state["batch"] > 0)
-        for key in RUN_ARGS:                           # (older runs saved no crop_scale)
-            if getattr(args, key) is not None and key in saved and getattr(args, key) != saved[key]:
-                raise UsageError(f"{flag(key)} {getattr(args, key)} conflicts with the run in {args.out} (started "
-                                 f"with {saved[key]}); only --epochs may change on --resume")
-            setattr(args, key, saved.get(key, getattr(args, key)))
-        args.epochs = saved["epochs"] if args.epochs is None else args.epochs
-        args.data_dir = args.data_dir or saved["data_dir"]
+        for key in [k for k in RUN_ARGS if k in saved]:              # (older runs saved no crop_scale)
+            if getattr(args, key) not in (None, saved[key]):
+                raise UsageError(f"{flag(key)} {getattr(args, key)} conflicts with the run in {args.out} (started with "
+                                 f"{saved[key]}); only --epochs may change on --resume")
+            setattr(args, key, saved[key])
+        args.epochs, args.data_dir = args.epochs or saved["epochs"], args.data_dir or saved["data_dir"]
         if args.epochs < begun:
             raise UsageError(f"--epochs {args.epochs} is fewer than the {begun} already begun in {args.out}")
         if args.epochs == state["epoch"]:
-            note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger "
-                 f"--epochs extends it)")
+            note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger --epochs extends it)")
     defaults = {**COMMON, **RECIPES[args.stage]}
     if args.stage == "eval":          # the checkpoint's dataset; a pre-trained MAE keeps its own Eq. 1
         defaults.update({k: state["args"].get(k) for k in ("dataset", "mask_ratio", "alpha")})
@@ -859,42 +773,32 @@ def resolve(args):
     except RuntimeError:
         raise UsageError(f"--device {args.device} is not a device name (cpu, cuda, cuda:N)") from None
     gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
-    classes = state["model"]["head.weight"].shape[0] if of_classifier else 0
+    classes = state["model"]["head.weight"].shape[0] if classifier else 0
     peak = peak_lr(args.base_lr, args.batch_size) if args.base_lr and args.batch_size else math.inf
-    init = load_checkpoint(args.init) if args.stage == "finetune" and args.init and not args.resume else None
     for bad, message in [
-            (args.stage in ("pretrain", "bench") and args.init, "--init is for finetune and eval; a pretraining "
-             "run continues with --out DIR --resume"),
-            (init and init["stage"] != "pretrain", f"--init {args.init} is a {init and init['stage']} checkpoint; "
-             f"fine-tuning starts from a pretrain checkpoint (continue a run with --resume)"),
-            (args.stage == "bench" and args.out, "--stage bench writes no files (its result is the JSON line it "
-             "prints last); drop --out"),
+            (args.stage in ("pretrain", "bench") and args.init, "--init is for finetune and eval; pretraining resumes with --resume"),
+            (args.stage == "bench" and args.out, "--stage bench writes no files (it prints its result); drop --out"),
             (args.stage != "bench" and not args.dataset, f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})"),
-            (args.stage == "finetune" and args.dataset not in CLASSES, "fine-tuning needs a labelled dataset: "
-             "--dataset cifar10 or cifar100"),
-            (classes and CLASSES.get(args.dataset) != classes, f"{args.init} classifies {classes} classes; "
-             f"{args.dataset} does not have {classes}"),
+            (args.stage == "finetune" and args.dataset not in CLASSES, "fine-tuning needs --dataset cifar10 or cifar100"),
+            (classes and CLASSES.get(args.dataset) != classes, f"{args.init} classifies {classes} classes, not {args.dataset}'s"),
             (device.type not in ("cpu", "cuda"), f"--device {args.device}: this program runs on cpu or cuda (cuda:N)"),
-            (device.type == "cuda" and (device.index or 0) >= gpus, f"--device {args.device}: this machine has {gpus} "
-             f"CUDA device(s)"),
+            (device.type == "cuda" and (device.index or 0) >= gpus, f"--device {args.device}: this machine has {gpus} CUDA device(s)"),
             (args.min_lr > peak, f"--min-lr {args.min_lr} is above the peak lr {peak}")]:
         if bad:
             raise UsageError(message)
-    # GPU defaults: torch.compile's Triton kernels need compute capability 7.0, bf16 8.0 (older
-    # GPUs emulate it slowly). Eval runs over the test set once: compiling costs more than it saves.
+    # GPU defaults: torch.compile's Triton kernels need compute capability 7.0, bf16 8.0 (older GPUs emulate
+    # it slowly). Eval runs over the test set once: compiling costs more than it saves.
     capability = torch.cuda.get_device_capability(args.device) if device.type == "cuda" else (0, 0)
     args.compile = capability >= (7, 0) and args.stage != "eval" if args.compile is None else args.compile
     args.amp = capability >= (8, 0) if args.amp is None else args.amp
     return state
 
-def resumable(args):
-    """Whether --out holds a training run's checkpoint: the one thing --resume can continue."""
+def resumable(args):                 # whether --out holds what --resume continues
     return args.stage in ("pretrain", "finetune") and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
 
 def prepare_out(args, resume):
-    """Refuse an --out that holds another run or cannot be written. On --resume, drop the log
-    lines of the epochs that will run again (a kill between two checkpoints logged them), as
-    TensorBoard's purge_step does, so that each epoch is logged once."""
+    """Refuse an --out that holds another run or cannot be written. On --resume, drop the log lines of epochs that
+    run again (logged after the checkpoint, before a kill), as TensorBoard's purge_step does."""
     log = os.path.join(args.out, "metrics.jsonl")
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:
@@ -917,17 +821,17 @@ def prepare_out(args, resume):
 
     kept = [line for n, line in enumerate(lines, 1) if line.endswith("\n") and epoch_of(n, line) <= resume["epoch"]]
     if len(kept) < len(lines):               # (a torn last line, with no newline, goes too)
-        replace_file(log, lambda tmp: open(tmp, "w").writelines(kept))
-        note(f"{len(lines) - len(kept)} line(s) of {log} after epoch {resume['epoch']}, the checkpoint's, are "
-             f"dropped: those epochs run again")
+        replace_file(log, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+        note(f"{len(lines) - len(kept)} line(s) of {log} after epoch {resume['epoch']}, the checkpoint's, are dropped: "
+             f"those epochs run again")
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         state = resolve(args)
         torch.manual_seed(args.seed)
-        result = bench(args) if args.stage == "bench" else dict(
-            pretrain=pretrain, finetune=finetune, eval=evaluate_stage)[args.stage](args, state)
+        stage = dict(pretrain=pretrain, finetune=finetune, eval=evaluate_stage).get(args.stage)
+        result = stage(args, state) if stage else bench(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -453,22 +453,18 @@ def test_autoaugmented_images_are_a_function_of_the_seed():
 
 
 def test_run_batches_span_every_epoch_and_resume_where_they_stopped():
-    run = M.RunBatches(10, 3, seed=1, epochs=3)
-    batches = list(run)
+    batches = list(M.run_batches(10, 3, seed=1, epochs=3))
     assert len(batches) == 3 * 3 and all(len(b) == 3 for b in batches)   # 10 // 3 per epoch
     for epoch in range(3):                      # each epoch: its own order, last partial batch dropped
         order = M.epoch_order(10, 1, epoch).tolist()
         assert [i for b in batches[3 * epoch:3 * epoch + 3] for i, _ in b] == order[:9]
     seeds = [s for b in batches for _, s in b]
     assert len(set(seeds)) == len(seeds)        # no image draw repeats another's augmentation
-    run.first = (1, 2)                          # resumed at epoch 1, batch 2
-    assert list(run) == batches[5:]
-    loader, _ = M.autoaugment_loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8),
-                                     torch.arange(10), 3, 1, 3, 0, False)
+    assert list(M.run_batches(10, 3, 1, 3, first=(1, 2))) == batches[5:]   # resumed at epoch 1, batch 2
+    loader = M.autoaugment_loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10),
+                                  M.run_batches(10, 3, 1, 3), 0, False)
     assert [y.tolist() for _, y in loader] == [[i for i, _ in b] for b in batches]
-    big = M.RunBatches(50_000, 768, seed=2 ** 32 - 1, epochs=300)      # the largest --seed
-    big.first = (299, 64)
-    last = next(iter(big))[-1]
+    last = next(iter(M.run_batches(50_000, 768, seed=2 ** 32 - 1, epochs=300, first=(299, 64))))[-1]   # the largest --seed
     assert 0 <= last[1] < 2 ** 63
     M.AutoAugmented(torch.zeros(1, 3, 32, 32, dtype=torch.uint8).expand(50_000, -1, -1, -1),
                     torch.zeros(50_000))[last]                          # its seed is accepted
