@@ -6,18 +6,18 @@ Images", 2024 (arXiv:2402.03752), in its order: Tables 1-2, model (§2, §3.1), 
 
     python mae_vit.py --stage pretrain --dataset cifar10                    # §3.2, Table 1
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth
-    python mae_vit.py --stage eval --init runs/finetune-cifar10/checkpoint.pth
-    python mae_vit.py --stage bench                                          # speed
+    python mae_vit.py --stage eval --init runs/finetune-cifar10/checkpoint.pth   # or bench: speed
 
-Table 3: 96.41% top-1 on CIFAR-10, 78.27% on CIFAR-100, 3.64 M parameters (3,636,490 here);
-not yet reproduced with this file. `--stage bench` on one NVIDIA H200 (torch 2.11, bf16,
-compiled): 50.5k img/s pre-training, 31.9k fine-tuning, the whole recipe in 1.23 h.
+Table 3: 96.41% top-1 on CIFAR-10, 78.27% on CIFAR-100, 3.64 M parameters (3,636,490 here); not yet
+reproduced with this file. `--stage bench` on one NVIDIA H200 (torch 2.11, bf16, compiled): 50.5k
+img/s pre-training, 31.9k fine-tuning, the whole recipe in 1.23 h.
 """
 import argparse
 import json
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -43,8 +43,7 @@ PRETRAIN = dict(epochs=4000, warmup_epochs=400, batch_size=1408,   # §3.2, Tabl
                 base_lr=1.5e-4,            # lr = base_lr * batch_size / 256 (Eq. 2)
                 weight_decay=0.05,         # AdamW
                 crop_scale=(0.6, 1.0),     # random resized crop, then flip p = 0.5
-                mask_ratio=0.75,           # §2
-                alpha=0.1,                 # Eq. 1: the discount on the visible patches
+                mask_ratio=0.75, alpha=0.1,   # §2; Eq. 1's discount on the visible patches
                 layer_decay=1.0)           # not in Table 1: 1.0 is no layer-wise decay
 FINETUNE = dict(epochs=300, warmup_epochs=20, batch_size=768,      # §3.3, Table 2
                 base_lr=1e-3, weight_decay=0.05,
@@ -58,7 +57,6 @@ RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": EVAL, "bench": {}
 CLASSES = {"cifar10": 10, "cifar100": 100}
 DATASETS = [*CLASSES, "cifar10+cifar100"]      # the merged set is §5's future work
 
-
 # ==== Model (§2, §3.1, Figures 1-2) =====================================================
 def patchify(images):
     """(B, 3, 36, 36) -> (B, 144, 27): 3x3 patches in row-major order, each channel first."""
@@ -67,10 +65,8 @@ def patchify(images):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * PATCH * PATCH)
 
 def unpatchify(patches):
-    """(B, 144, 27) -> (B, 3, 36, 36): the inverse, as §2.3 reshapes the output to an image."""
-    g = int(patches.shape[1] ** 0.5)
-    x = patches.reshape(-1, g, g, 3, PATCH, PATCH)                       # (B, 12, 12, 3, 3, 3)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(-1, 3, g * PATCH, g * PATCH)
+    """(B, 144, 27) -> (B, 3, 36, 36), the inverse (§2.3 reshapes the output so): F.fold lays each patch back."""
+    return F.fold(patches.transpose(1, 2), IMAGE_SIZE, PATCH, stride=PATCH)
 
 class Block(nn.Module):
     """One transformer layer (§3.1): self-attention, then an MLP 192 -> 384 -> 192 with ReLU;
@@ -113,7 +109,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.patch_embed = nn.Linear(PATCH_DIM, DIM, bias=False)     # §3.1: no bias outside the layers
         self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))  # N(0, 1), nn.Embedding's default
-        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+        self.blocks = nn.Sequential(*(Block() for _ in range(depth)))
         self.norm, self.proj = nn.LayerNorm(DIM), nn.Linear(DIM, DIM, bias=False)
 
     def forward(self, patches, keep=None):                           # (B, 144, 27)
@@ -125,9 +121,7 @@ class Encoder(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         if keep is not None:                                         # pre-training: drop the masked
             x = x.gather(1, keep[:, :, None].expand(-1, -1, DIM))   # (B, 37, 192)
-        for block in self.blocks:
-            x = block(x)
-        return self.proj(self.norm(x))                               # (B, 37 or 145, 192)
+        return self.proj(self.norm(self.blocks(x)))                  # (B, 37 or 145, 192)
 
 class Decoder(nn.Module):
     """§2.2: the encoded visible tokens and one shared learnable mask token at each masked
@@ -137,7 +131,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.mask_token = nn.Parameter(torch.randn(DIM))             # N(0, 1), as the positions
         self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))
-        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+        self.blocks = nn.Sequential(*(Block() for _ in range(depth)))
         self.norm, self.proj = nn.LayerNorm(DIM), nn.Linear(DIM, PATCH_DIM, bias=False)
 
     def forward(self, encoded, restore):                             # (B, 37, 192), (B, 144)
@@ -147,9 +141,7 @@ class Decoder(nn.Module):
         x = torch.cat([visible, masked], 1)                          # (B, 144, 192), shuffled
         x = x.gather(1, restore[:, :, None].expand(-1, -1, D))       # (B, 144, 192), image order
         x = torch.cat([x, dummy], 1) + self.pos_embed.to(x.dtype)   # (B, 145, 192)
-        for block in self.blocks:
-            x = block(x)
-        return self.proj(self.norm(x))[:, :NUM_PATCHES]              # (B, 144, 27)
+        return self.proj(self.norm(self.blocks(x)))[:, :NUM_PATCHES] # (B, 144, 27)
 
 class MAE(nn.Module):
     """Pre-training (Figure 1): normalized images (B, 3, 36, 36) -> Eq. 1's loss, the predicted
@@ -179,7 +171,6 @@ class Classifier(nn.Module):
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
-
 # ==== Loss (Eq. 1) ========================================================================
 def mae_loss(pred, target, mask, alpha):
     """Eq. 1: MSE_masked_patches + alpha * MSE_unmasked_patches, on normalized pixels; pred,
@@ -190,7 +181,6 @@ def mae_loss(pred, target, mask, alpha):
     mse_masked = (per_patch * mask).sum() / mask.sum()
     mse_unmasked = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
     return mse_masked + alpha * mse_unmasked
-
 
 # ==== Schedules: Eq. 2, warm-up + cosine (§3.2, §3.3), layer-wise decay (§3.3) =============
 def peak_lr(base_lr, batch_size):
@@ -226,10 +216,9 @@ def make_optimizer(model, weight_decay, layer_decay, device):
     (MAE pre-trains with 0.95); fused on the GPU. The lr is set at every step."""
     return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=0.0, fused=device.type == "cuda")
 
-
 # ==== Data and augmentation (§3, Tables 1-2) ===========================================
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2, nothing written."""
+class UsageError(Exception):      # bad input: one line on stderr, exit code 2, nothing written
+    pass
 
 def load_cifar(dataset, root, split):
     """uint8 images (N, 3, 32, 32), labels (N,) of a split, by torchvision (download, md5 check)."""
@@ -303,8 +292,7 @@ def epoch_order(n, seed, epoch):                 # an epoch's data order, from i
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 def run_batches(n, batch_size, seed, epochs, first=(0, 0)):
-    """A run's fine-tuning batches of (index, seed) from `first` = (epoch, batch), full ones only: one DataLoader
-    pass serves the whole run, so its workers go on augmenting through each epoch's end and evaluation."""
+    """A run's fine-tuning batches of (index, seed) from `first` = (epoch, batch), full ones only: one loader pass."""
     for epoch in range(first[0], epochs):
         order, base = epoch_order(n, seed, epoch).tolist(), (seed * 1_000_003 + epoch) * n % 2 ** 62  # < 2^63
         for b in range(first[1] if epoch == first[0] else 0, n // batch_size):
@@ -318,7 +306,6 @@ def autoaugment_loader(images, labels, batches, num_workers, pin_memory):
 def ignore_stop_signals(worker_id):       # Ctrl-C and SIGTERM often reach the whole process group
     for s in StopRequest.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-
 
 # ==== The training loop of both stages (they differ in data, loss and lr groups) ========
 def autocast(args):                       # bf16 where --amp is on; weights, AdamW states, loss stay fp32
@@ -336,8 +323,7 @@ def train_step(opt, step_loss, batch, lr, args):
     return loss.detach()
 
 class StopRequest:
-    """While active, Ctrl-C or SIGTERM (a cluster's pre-emption) only sets `requested`: the loop ends its step,
-    saves and exits with 128 + the signal's number. The same signal again acts at once."""
+    """While active, Ctrl-C or SIGTERM only sets `requested`: the loop saves and exits; a second one acts at once."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
@@ -358,16 +344,16 @@ def note(text):
     print(f"note: {text}", file=sys.stderr, flush=True)
 
 def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch: {}):
-    """model: the raw module (saved); step_loss(batch) runs the (compiled) model; batches(epoch,
-    start) yields an epoch's device batches from `start`; evaluate(epoch) -> that epoch's metrics."""
+    """step_loss(batch) runs the (compiled) model; batches(epoch, start) yields batches; evaluate(epoch): metrics."""
     device, checkpoint = torch.device(args.device), os.path.join(args.out, "checkpoint.pth")
     opt = make_optimizer(model, args.weight_decay, args.layer_decay, device)
     peak, total, warmup = peak_lr(args.base_lr, args.batch_size), args.epochs * steps, args.warmup_epochs * steps
+    print(f"parameters: {count_parameters(model):,}" + (f" (encoder {count_parameters(model.encoder):,})"
+                                                        if args.stage == "pretrain" else ""), flush=True)
+    own = f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain" else f"layer decay {args.layer_decay:g}"
     print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} ({steps} steps per epoch), "
           f"peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x {args.batch_size} / 256), weight decay {args.weight_decay:g}, "
-          + (f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain" else f"layer decay "
-             f"{args.layer_decay:g}") + f"; {args.device}, compile {'on' if args.compile else 'off'}, bf16 "
-          f"{'on' if args.amp else 'off'}", flush=True)
+          f"{own}; {args.device}, compile {'on' if args.compile else 'off'}, bf16 {'on' if args.amp else 'off'}", flush=True)
     if args.warmup_epochs >= args.epochs:
         note(f"the warm-up ({args.warmup_epochs} epochs) is not shorter than the run ({args.epochs}), so the lr never "
              f"reaches its peak; set --warmup-epochs")
@@ -444,8 +430,7 @@ def accuracy_on(model, images, labels, args):
 
 @torch.no_grad()
 def save_reconstructions(mae, images, noise, path, args):
-    """Figure 4: original | masked (grey) | reconstruction of each uint8 image, two triplets a row;
-    the reconstruction is the decoder's output on every patch, the visible ones too (Eq. 1)."""
+    """Figure 4: original | masked (grey) | reconstruction (the decoder's whole output), two triplets a row."""
     mae.eval()
     x = normalize(resize_test(images))
     with autocast(args):
@@ -453,7 +438,6 @@ def save_reconstructions(mae, images, noise, path, args):
     masked = unpatchify(patchify(x) * (1 - mask[:, :, None]))              # masked -> 0: grey
     triplets = torch.stack([x, masked, unpatchify(pred.float())], 1).flatten(0, 1) * STD + MEAN
     replace_file(path, lambda tmp: torchvision.utils.save_image(triplets, tmp, format="png", nrow=6, padding=2))
-
 
 # ==== Checkpoints and logs: plain values (weights_only=True), written so a kill or full disk keeps the last copy
 RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs", "mask_ratio", "alpha",
@@ -482,8 +466,7 @@ def write_failed(path, e):
     raise SystemExit(f"error: could not write {path} ({why}); stopped, the files written before are unchanged")
 
 def load_checkpoint(path):
-    """A checkpoint of ours, checked: the keys resume and eval read; a strict load into a meta model (no memory,
-    no random draws), its complaint made one line."""
+    """One of our checkpoints: the keys resume and eval read, then a strict load into a meta model (no memory)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     try:
@@ -505,7 +488,6 @@ def load_checkpoint(path):
         raise UsageError(f"{path} does not match this architecture ({why})") from None
     return ckpt
 
-
 # ==== Stages ===========================================================================
 def setup_device(args):
     if torch.device(args.device).type == "cuda":
@@ -517,25 +499,12 @@ def setup_device(args):
 def maybe_compile(model, args):
     return torch.compile(model, dynamic=False) if args.compile else model
 
-def steps_per_epoch(num_images, args, resume):
-    """Full batches only (fixed shapes); a resumed run must see the training set it started on."""
-    if num_images < args.batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {num_images} training images")
-    steps = num_images // args.batch_size
-    if resume and (resume["batch"] >= steps or resume["step"] != resume["epoch"] * steps + resume["batch"]):
-        raise UsageError(f"{args.data_dir} holds {num_images} training images ({steps} batches per epoch), not the set "
-                         f"the run in {args.out} trained on; resume it with its own --data-dir")
-    return steps
-
 def pretrain(args, resume):
-    """§3.2, Table 1. The uint8 training set lives on the device, where each batch's order, crops,
-    flips and masks are drawn: no DataLoader, no host work per step."""
+    """§3.2, Table 1. The uint8 training set lives on the device, where batches, crops, flips and masks are drawn."""
     device = setup_device(args)
     images, _ = load_cifar(args.dataset, args.data_dir, "train")
-    steps = steps_per_epoch(len(images), args, resume)
-    prepare_out(args, resume)
+    steps = prepare_out(args, resume, len(images))
     images, model = images.to(device), MAE(args.mask_ratio, args.alpha).to(device)
-    print(f"parameters: {count_parameters(model):,} (encoder {count_parameters(model.encoder):,})", flush=True)
     compiled = maybe_compile(model, args)
 
     def batches(epoch, start):                   # (B, 3, 32, 32) uint8, picked on the device
@@ -555,10 +524,8 @@ def finetune(args, resume):
                              f"checkpoint (continue a run with --resume)")
         model.encoder.load_state_dict({k[8:]: v for k, v in init["model"].items() if k.startswith("encoder.")})
     (images, labels), (test_images, test_labels) = (load_cifar(args.dataset, args.data_dir, s) for s in ("train", "test"))
-    steps = steps_per_epoch(len(images), args, resume)
-    prepare_out(args, resume)
+    steps = prepare_out(args, resume, len(images))
     model, test_images, test_labels = model.to(device), test_images.to(device), test_labels.to(device)
-    print(f"parameters: {count_parameters(model):,}", flush=True)
     compiled = maybe_compile(model, args)
     order = run_batches(len(images), args.batch_size, args.seed, args.epochs, (resume["epoch"], resume["batch"]) if resume
                         else (0, 0))
@@ -577,8 +544,7 @@ def finetune(args, resume):
                 best_epoch=best["epoch"])
 
 def evaluate_stage(args, ckpt):
-    """Top-1 accuracy of a fine-tuned checkpoint; for a pre-trained one Eq. 1's loss on the test
-    split, with fixed masks, and a PNG of original | masked | reconstruction (Figure 4)."""
+    """A classifier's top-1 accuracy, or an MAE's Eq. 1 on the test split (fixed masks) and Figure 4's PNG."""
     device = setup_device(args)
     model = Classifier(CLASSES[args.dataset]) if ckpt["stage"] == "finetune" else MAE(args.mask_ratio, args.alpha)
     model.load_state_dict(ckpt["model"])
@@ -598,7 +564,6 @@ def evaluate_stage(args, ckpt):
         save_reconstructions(model, images[:8], noise[:8], result["reconstructions"], args)
     append_line(os.path.join(args.out, "metrics.jsonl"), result)
     return result
-
 
 # ==== Speed only: attention kernels and --stage bench; the math is the same (a GPU test checks the kernels)
 # FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys, then the backward pass's two
@@ -621,9 +586,8 @@ def attention(q, k, v):
             return flex_attention(q, k, v, kernel_options=FLEX_TILES)
     return F.scaled_dot_product_attention(q, k, v)
 
-def bench(args):
-    """img/s of both training steps (as compiled as the runs, augmentation included) on synthetic data after 2
-    warm-up steps, and of fine-tuning's loader; true MACs; the fast path's loss against fp32, math kernel, no TF32."""
+def bench(args, _):
+    """img/s of both (compiled) training steps and of the AutoAugment loader; true MACs; fast path's loss vs fp32."""
     from torch.utils.flop_counter import FlopCounterMode
     device = setup_device(args)
     cuda, timed, counters = device.type == "cuda", 50 if device.type == "cuda" else 5, torch._dynamo.utils.counters
@@ -633,32 +597,29 @@ def bench(args):
     pre_bs, fine_bs = args.batch_size or (1408 if cuda else 128), args.batch_size or (768 if cuda else 128)
     pool = torch.randint(0, 256, (4 * pre_bs, 3, 32, 32), dtype=torch.uint8, device=device)
     x, y, noise = pool[:fine_bs], torch.randint(0, 10, (fine_bs,), device=device), torch.rand(pre_bs, 144, device=device)
-    pick = lambda: pool[torch.randint(0, len(pool), (pre_bs,), device=device)]
     stages = {  # model, batch size, the loss of its training step, a loss on one fixed batch and mask
-        "pretrain": (MAE().to(device), pre_bs, lambda m: m(crop_flip_normalize(pick(), PRETRAIN["crop_scale"]))[0],
+        "pretrain": (MAE().to(device), pre_bs, lambda m: m(crop_flip_normalize(pool[torch.randint(
+                     0, len(pool), (pre_bs,), device=device)], PRETRAIN["crop_scale"]))[0],
                      lambda m: m(normalize(resize_test(pool[:pre_bs])), noise)[0]),
         "finetune": (Classifier(10).to(device), fine_bs, lambda m: F.cross_entropy(m(crop_flip_normalize(
                      x, FINETUNE["crop_scale"])), y), lambda m: F.cross_entropy(m(normalize(resize_test(x))), y))}
-    compiled, ips, loss_rel_diff = {s: maybe_compile(m, args) for s, (m, *_) in stages.items()}, {}, {}
-    for stage, (model, bs, train_loss, _) in stages.items():
-        opt = make_optimizer(model, 0.05, RECIPES[stage]["layer_decay"], device)
+    ips, loss_rel_diff, graphs, precision = {}, {}, 0, torch.get_float32_matmul_precision()
+    for stage, (model, bs, train_loss, fixed_loss) in stages.items():
+        compiled, opt = maybe_compile(model, args), make_optimizer(model, 0.05, RECIPES[stage]["layer_decay"], device)
         for i in range(2 + timed):
             if i == 2:
                 sync()
                 t0 = time.perf_counter()
-            train_step(opt, lambda _: train_loss(compiled[stage]), None, 1e-4, args)
+            train_step(opt, lambda _: train_loss(compiled), None, 1e-4, args)
         sync()
-        ips[stage] = timed * bs / (time.perf_counter() - t0)
-    graphs, precision = int(counters["stats"]["unique_graphs"]), torch.get_float32_matmul_precision()
-    for stage, (model, _, _, fixed_loss) in stages.items():
-        with torch.no_grad():
-            model.eval()
-            with autocast(args):
-                fast = fixed_loss(compiled[stage]).float()
-            torch.set_float32_matmul_precision("highest")
-            with sdpa_kernel(SDPBackend.MATH):
-                exact = fixed_loss(model)
-            torch.set_float32_matmul_precision(precision)
+        ips[stage], graphs = timed * bs / (time.perf_counter() - t0), graphs + counters["stats"]["unique_graphs"]
+        with torch.no_grad(), autocast(args):                              # in eval mode: no dropout
+            fast = fixed_loss(compiled.eval()).float()
+        counters.clear()                                                   # training graphs only
+        torch.set_float32_matmul_precision("highest")
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            exact = fixed_loss(model)
+        torch.set_float32_matmul_precision(precision)
         loss_rel_diff[stage] = float((fast - exact).abs() / exact)
     skipped = 2 * max(1, args.num_workers)            # batches prefetched while the workers start: not timed
     fake = torch.randint(0, 256, ((skipped + (128 if cuda else 12)) * fine_bs, 3, 32, 32), dtype=torch.uint8)
@@ -676,7 +637,6 @@ def bench(args):
                 compiled_graphs=graphs, loss_rel_diff_vs_fp32=loss_rel_diff,
                 projected_recipe_hours=(4000 * 50_000 / ips["pretrain"] + 300 * 50_000 / fine_ips) / 3600)
 
-
 # ==== Command line: each flag once, with its help, the check its value must pass, and the stages that read it
 def finite(text):
     """argparse type of the real-valued flags: nan and inf are refused at once."""
@@ -690,8 +650,8 @@ NOT_EMPTY = (lambda v: v != "", "{f} is empty")               # e.g. --init "$CK
 # refused, not ignored, so that no one believes a run used a value it never saw; eval of a finetune
 # checkpoint also refuses what fine-tuning does not read (a classifier has no mask and no Eq. 1).
 FLAGS = [  # flag, argparse keywords, (test, message) or None, the stages that read it (None: all)
-    ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1, finetune: Table 2, eval: a "
-                     "checkpoint on the test split, bench: speed"), None, None),
+    ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1; finetune: Table 2; eval; bench"),
+     None, None),
     ("--dataset", dict(choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training"), None, "pfe"),
     ("--data-dir", dict(help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)"), NOT_EMPTY, None),
     ("--out", dict(help="output folder (default runs/<stage>-<dataset>, eval: runs/eval-<its stage>-<dataset>)"),
@@ -701,28 +661,25 @@ FLAGS = [  # flag, argparse keywords, (test, message) or None, the stages that r
     ("--batch-size", dict(type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000"), POSITIVE, None),
     ("--base-lr", dict(type=finite, help="Eq. 2's base; Table 1: 1.5e-4, Table 2: 1e-3"), POSITIVE, "pf"),
     ("--weight-decay", dict(type=finite, help="AdamW's; Tables 1-2: 0.05"), NOT_NEGATIVE, "pf"),
-    ("--min-lr", dict(type=finite, help="the cosine's floor; §5 suggests ~20%% of the peak (default 0)"), NOT_NEGATIVE, "pf"),
+    ("--min-lr", dict(type=finite, help="the cosine's floor; §5: ~20%% of the peak (default 0)"), NOT_NEGATIVE, "pf"),
     ("--mask-ratio", dict(type=finite, help="§2: 0.75"), (lambda v: 0 < v < 1 and 0 < int(NUM_PATCHES * (1 - v)) < 144,
      "{f} {v} must be in (0, 1) and leave at least one visible and one masked patch of 144"), "pe"),
-    ("--alpha", dict(type=finite, help="Eq. 1's discount on the visible patches; Table 1: 0.1"), NOT_NEGATIVE, "pe"),
-    ("--layer-decay", dict(type=finite, help="layer-wise lr decay; Table 2: 0.75 (pretrain: 1, none)"),
-     (lambda v: 0 < v <= 1, "{f} must be in (0, 1], got {v}"), "pf"),
-    ("--crop-scale", dict(type=finite, nargs=2, metavar=("MIN", "MAX"), help="random resized crop's area; Table 1: "
-     "0.6 1, Table 2: 0.8 1"), (lambda v: 0 < v[0] <= v[1] <= 1, "{f} must be MIN MAX in (0, 1], MIN <= MAX, got {v}"), "pf"),
+    ("--alpha", dict(type=finite, help="Eq. 1's discount of the visible patches; Table 1: 0.1"), NOT_NEGATIVE, "pe"),
+    ("--layer-decay", dict(type=finite, help="Table 2: 0.75 (pretrain: 1, none)"), (lambda v: 0 < v <= 1,
+     "{f} must be in (0, 1], got {v}"), "pf"),
+    ("--crop-scale", dict(type=finite, nargs=2, metavar=("MIN", "MAX"), help="crop area; Table 1: 0.6 1, Table 2: 0.8 1"),
+     (lambda v: 0 < v[0] <= v[1] <= 1, "{f} must be MIN MAX in (0, 1], MIN <= MAX, got {v}"), "pf"),
     ("--init", dict(help="finetune: a pretrain checkpoint (absent: from scratch); eval: the checkpoint"), NOT_EMPTY, None),
     ("--resume", dict(action="store_true", help="continue the run in --out from its checkpoint.pth"), None, None),
     ("--save-every", dict(type=int, help="epochs between checkpoints, and one at the end (default 20)"), POSITIVE, "pf"),
-    ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"), None, None),
-    ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: on cuda, not eval)"),
-     None, None),
+    ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"), (lambda v:
+     re.fullmatch(r"cpu|cuda(:\d+)?", v), "{f} {v} is not a device name this program runs on: it runs on cpu or cuda (cuda:N)"), None),
+    ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: cuda, not eval)"), None, None),
     ("--amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on cuda)"), None, None),
-    ("--seed", dict(type=int, help="the one seed of a run, as in §3 (default 0)"),
-     (lambda v: 0 <= v < 2 ** 32, "{f} must be in [0, 2^32), got {v}"), None),
-    ("--num-workers", dict(type=int, default=min(16, os.cpu_count() or 1), help="fine-tuning's AutoAugment workers "
-     "(default: the cores, at most 16)"), NOT_NEGATIVE, None)]
-
-def flag(key):
-    return "--" + key.replace("_", "-")              # batch_size -> --batch-size, for messages
+    ("--seed", dict(type=int, help="one seed for all, §3 (default 0)"), (lambda v: 0 <= v < 2 ** 32,
+     "{f} must be in [0, 2^32), got {v}"), None),
+    ("--num-workers", dict(type=int, default=min(16, os.cpu_count() or 1), help="AutoAugment workers (default: cores, "
+     "<= 16)"), NOT_NEGATIVE, None)]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -735,8 +692,7 @@ def parse_args(argv=None):
     return args
 
 def resolve(args):
-    """Check what was given; fill the rest from the resumed run, then the recipes; check the whole; all before
-    anything is written. Returns the checkpoint the run starts from."""
+    """Check the flags, fill the rest (resumed run, recipes), check it all before any write; return the checkpoint."""
     state = load_checkpoint(args.init) if args.stage == "eval" and args.init else None
     classifier = state is not None and state["stage"] == "finetune"
     for name, _, check, reads in FLAGS:
@@ -750,15 +706,13 @@ def resolve(args):
         if args.stage not in ("pretrain", "finetune") or args.out is None:
             raise UsageError("--resume continues the pretrain or finetune run in --out DIR")
         state = load_checkpoint(os.path.join(args.out, "checkpoint.pth"))
-        saved, begun = state["args"], state["epoch"] + (state["batch"] > 0)
+        saved = state["args"]
         for key in [k for k in RUN_ARGS if k in saved]:              # (older runs saved no crop_scale)
             if getattr(args, key) not in (None, saved[key]):
-                raise UsageError(f"{flag(key)} {getattr(args, key)} conflicts with the run in {args.out} (started with "
+                raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} (started with "
                                  f"{saved[key]}); only --epochs may change on --resume")
             setattr(args, key, saved[key])
         args.epochs, args.data_dir = args.epochs or saved["epochs"], args.data_dir or saved["data_dir"]
-        if args.epochs < begun:
-            raise UsageError(f"--epochs {args.epochs} is fewer than the {begun} already begun in {args.out}")
         if args.epochs == state["epoch"]:
             note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger --epochs extends it)")
     defaults = {**COMMON, **RECIPES[args.stage]}
@@ -768,21 +722,19 @@ def resolve(args):
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.out is None and args.stage != "bench":
         args.out = os.path.join("runs", f"{'eval-' + state['stage'] if args.stage == 'eval' else args.stage}-{args.dataset}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device} is not a device name (cpu, cuda, cuda:N)") from None
+    device = torch.device(args.device)
     gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
     classes = state["model"]["head.weight"].shape[0] if classifier else 0
     peak = peak_lr(args.base_lr, args.batch_size) if args.base_lr and args.batch_size else math.inf
+    begun = state["epoch"] + (state["batch"] > 0) if args.resume else 0      # a started epoch counts
     for bad, message in [
             (args.stage in ("pretrain", "bench") and args.init, "--init is for finetune and eval; pretraining resumes with --resume"),
             (args.stage == "bench" and args.out, "--stage bench writes no files (it prints its result); drop --out"),
             (args.stage != "bench" and not args.dataset, f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})"),
             (args.stage == "finetune" and args.dataset not in CLASSES, "fine-tuning needs --dataset cifar10 or cifar100"),
             (classes and CLASSES.get(args.dataset) != classes, f"{args.init} classifies {classes} classes, not {args.dataset}'s"),
-            (device.type not in ("cpu", "cuda"), f"--device {args.device}: this program runs on cpu or cuda (cuda:N)"),
             (device.type == "cuda" and (device.index or 0) >= gpus, f"--device {args.device}: this machine has {gpus} CUDA device(s)"),
+            (args.resume and args.epochs < begun, f"--epochs {args.epochs} is fewer than the {begun} already begun in {args.out}"),
             (args.min_lr > peak, f"--min-lr {args.min_lr} is above the peak lr {peak}")]:
         if bad:
             raise UsageError(message)
@@ -796,9 +748,14 @@ def resolve(args):
 def resumable(args):                 # whether --out holds what --resume continues
     return args.stage in ("pretrain", "finetune") and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
 
-def prepare_out(args, resume):
-    """Refuse an --out that holds another run or cannot be written. On --resume, drop the log lines of epochs that
-    run again (logged after the checkpoint, before a kill), as TensorBoard's purge_step does."""
+def prepare_out(args, resume, num_images=None):
+    """The checks that need the data or --out, then --out itself; returns the (full) batches per epoch."""
+    if num_images is not None and num_images < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {num_images} training images")
+    steps = num_images and num_images // args.batch_size          # fixed shapes: the last partial batch goes
+    if resume and (resume["batch"] >= steps or resume["step"] != resume["epoch"] * steps + resume["batch"]):
+        raise UsageError(f"{args.data_dir} holds {num_images} training images ({steps} batches per epoch), not the set "
+                         f"the run in {args.out} trained on; resume it with its own --data-dir")
     log = os.path.join(args.out, "metrics.jsonl")
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:
@@ -824,14 +781,14 @@ def prepare_out(args, resume):
         replace_file(log, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
         note(f"{len(lines) - len(kept)} line(s) of {log} after epoch {resume['epoch']}, the checkpoint's, are dropped: "
              f"those epochs run again")
+    return steps
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         state = resolve(args)
         torch.manual_seed(args.seed)
-        stage = dict(pretrain=pretrain, finetune=finetune, eval=evaluate_stage).get(args.stage)
-        result = stage(args, state) if stage else bench(args)
+        result = dict(pretrain=pretrain, finetune=finetune, eval=evaluate_stage, bench=bench)[args.stage](args, state)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
