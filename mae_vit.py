@@ -1,8 +1,7 @@
 """Masked-autoencoder pre-training of a lightweight ViT on CIFAR, in one file.
 
-J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets with Minimally Scaled
-Images", 2024 (arXiv:2402.03752), in its order: Tables 1-2, model (§2, §3.1), loss (Eq. 1), schedules
-(Eq. 2), data; then the training loop, the stages, speed-only code and the command line.
+J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets with Minimally Scaled Images", 2024
+(arXiv:2402.03752), in its order: Tables 1-2, model, loss, schedules, data; then the loop, stages, speed, CLI.
 
     python mae_vit.py --stage pretrain --dataset cifar10                    # §3.2, Table 1
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth
@@ -76,7 +75,8 @@ class Block(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+        self.norm2, self.fc1 = nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
         nn.init.xavier_uniform_(self.qkv.weight)    # §3.1's PyTorch defaults: for attention,
         nn.init.zeros_(self.qkv.bias)               # nn.MultiheadAttention's
         nn.init.zeros_(self.proj.bias)
@@ -91,10 +91,9 @@ class Block(nn.Module):
         return x + F.dropout(self.fc2(h), self.dropout, self.training)             # (B, N, 192)
 
 def random_masking(noise, mask_ratio):
-    """§2: mask `mask_ratio` of each image's 144 patches, uniformly, without replacement: the
-    patches with the smallest (B, 144) uniform `noise` stay visible; the dummy never is masked.
-    Returns keep (B, 36 + 1), the tokens the encoder sees, the dummy (144) last; restore
-    (B, 144), which puts [visible, masked] back in image order; mask (B, 144), 1 = masked."""
+    """§2: mask `mask_ratio` of each image's 144 patches, uniformly, without replacement: those with the smallest
+    (B, 144) uniform `noise` stay visible; the dummy never is masked. Returns keep (B, 36 + 1), the tokens the encoder
+    sees, the dummy (144) last; restore (B, 144) puts [visible, masked] back in image order; mask (B, 144), 1 = masked."""
     num_keep = int(NUM_PATCHES * (1 - mask_ratio))                   # 36 for 0.75
     shuffle = noise.argsort(1)                                       # a random permutation
     restore = shuffle.argsort(1)
@@ -115,9 +114,8 @@ class Encoder(nn.Module):
     def forward(self, patches, keep=None):                           # (B, 144, 27)
         dummy = patches.new_zeros(patches.shape[0], 1, PATCH_DIM)   # §3: the all-zero 145th patch
         x = self.patch_embed(torch.cat([patches, dummy], 1))        # (B, 145, 192)
-        # A numerics choice: positions are added in the embedding's dtype, so under bf16
-        # autocast the residual stream is bf16 (LayerNorm still computes in fp32); MAE and
-        # timm add fp32 positions, which make it fp32. fp32 runs are unchanged.
+        # A numerics choice: positions are added in the embedding's dtype, so under bf16 autocast the residual
+        # stream is bf16 (LayerNorm still computes in fp32); MAE and timm add fp32 positions, making it fp32.
         x = x + self.pos_embed.to(x.dtype)
         if keep is not None:                                         # pre-training: drop the masked
             x = x.gather(1, keep[:, :, None].expand(-1, -1, DIM))   # (B, 37, 192)
@@ -171,18 +169,16 @@ class Classifier(nn.Module):
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
-# ==== Loss (Eq. 1) ========================================================================
+# ==== Loss (Eq. 1) and schedules: Eq. 2, warm-up + cosine (§3.2, §3.3), layer-wise decay (§3.3) ===========
 def mae_loss(pred, target, mask, alpha):
-    """Eq. 1: MSE_masked_patches + alpha * MSE_unmasked_patches, on normalized pixels; pred,
-    target (B, 144, 27), mask (B, 144), 1 = masked. At initialization the decoder's outputs
-    have a mean square of 1/3 (LayerNorm, then 192 default-init weights of variance 1 / 576),
-    so the loss starts near (1 + alpha)(1/3 + mean target^2): 0.65 on CIFAR-10 (Figure 3: 0.63)."""
+    """Eq. 1: MSE_masked_patches + alpha * MSE_unmasked_patches on normalized pixels; pred, target (B, 144, 27), mask
+    (B, 144), 1 = masked. At initialization the decoder's outputs have a mean square of 1/3 (LayerNorm, then 192 weights
+    of variance 1 / 576), so the loss starts near (1 + alpha)(1/3 + mean target^2): 0.65 on CIFAR-10 (Fig. 3: 0.63)."""
     per_patch = ((pred.float() - target) ** 2).mean(-1)             # (B, 144)
     mse_masked = (per_patch * mask).sum() / mask.sum()
     mse_unmasked = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
     return mse_masked + alpha * mse_unmasked
 
-# ==== Schedules: Eq. 2, warm-up + cosine (§3.2, §3.3), layer-wise decay (§3.3) =============
 def peak_lr(base_lr, batch_size):
     return base_lr * batch_size / 256                                # Eq. 2, the linear scaling rule
 
@@ -201,9 +197,8 @@ def layer_id(name, depth=ENCODER_DEPTH):
     return int(name.split(".")[2]) + 1 if name.startswith("encoder.blocks.") else depth + 1
 
 def param_groups(model, weight_decay, layer_decay):
-    """AdamW groups, lr_scale = layer_decay ** (13 - layer). Weight decay on linear layers'
-    weight matrices only; biases, LayerNorm, positions and the mask token are exempt (the
-    paper is silent; MAE's and timm's convention)."""
+    """AdamW groups, lr_scale = layer_decay ** (13 - layer). Weight decay on linear layers' weight matrices only;
+    biases, LayerNorm, positions and the mask token are exempt (the paper is silent; MAE's and timm's convention)."""
     decayed, groups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}, {}
     for name, p in model.named_parameters():
         layer, decay = layer_id(name), id(p) in decayed
@@ -234,8 +229,8 @@ def load_cifar(dataset, root, split):
             folder, check = os.path.join(root, kind.base_folder), torchvision.datasets.cifar.check_integrity
             bad = [f for f, *_, md5 in [*kind.train_list, *kind.test_list, kind.meta.values()]
                    if not check(os.path.join(folder, f), md5)]
-            raise UsageError(f"{name}: {', '.join(bad) or 'a file'} missing or corrupt in {folder}, and the download failed "
-                             f"({type(e).__name__}); put the CIFAR python batches there or run once online") from None
+            raise UsageError(f"{name}: {', '.join(bad) or 'a file'} missing or corrupt in {folder}, and the download "
+                             f"failed ({type(e).__name__}); put the CIFAR batches there or run once online") from None
         images.append(torch.from_numpy(data.data).permute(0, 3, 1, 2))   # (N, 32, 32, 3) -> (N, 3, 32, 32)
         labels.append(torch.tensor(data.targets))
     return torch.cat(images).contiguous(), torch.cat(labels)
@@ -269,8 +264,7 @@ def crop_resize(images, top, left, h, w, flip, size=IMAGE_SIZE):
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 def crop_flip_normalize(images, scale):
-    """Augmentation on the device: a random resized crop of `scale` (Table 1: [0.6, 1], Table 2:
-    [0.8, 1]) from 32x32 straight to 36x36 (one interpolation, not two), flip p = 0.5, normalize."""
+    """On the device: a random resized crop of `scale` (Tables 1-2), 32 -> 36 in one interpolation, flip, normalize."""
     return normalize(crop_resize(images, *crop_boxes(len(images), *images.shape[2:], scale, device=images.device)))
 
 def resize_test(images):                         # test images: a plain bilinear 32 -> 36, no augmentation
@@ -330,11 +324,11 @@ class StopRequest:
         self.requested, self.previous = None, {s: signal.signal(s, self.handler) for s in self.SIGNALS}
         return self
 
-    def handler(self, signum, frame):
+    def handler(self, signum, frame):              # os.write: print() is not reentrant
         self.requested = signum
         signal.signal(signum, self.previous[signum])
         os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step (send it again to quit at "
-                    f"once)\n".encode())                   # not print(), which is not reentrant
+                    f"once)\n".encode())
 
     def __exit__(self, *exc):
         for s, previous in self.previous.items():
@@ -350,10 +344,12 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
     peak, total, warmup = peak_lr(args.base_lr, args.batch_size), args.epochs * steps, args.warmup_epochs * steps
     print(f"parameters: {count_parameters(model):,}" + (f" (encoder {count_parameters(model.encoder):,})"
                                                         if args.stage == "pretrain" else ""), flush=True)
-    own = f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain" else f"layer decay {args.layer_decay:g}"
-    print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} ({steps} steps per epoch), "
-          f"peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x {args.batch_size} / 256), weight decay {args.weight_decay:g}, "
-          f"{own}; {args.device}, compile {'on' if args.compile else 'off'}, bf16 {'on' if args.amp else 'off'}", flush=True)
+    own = (f"mask ratio {args.mask_ratio:g}, alpha {args.alpha:g}" if args.stage == "pretrain"
+           else f"layer decay {args.layer_decay:g}")
+    print(f"recipe: epochs {args.epochs} (warm-up {args.warmup_epochs}), batch {args.batch_size} ({steps} steps per "
+          f"epoch), peak lr {peak:.3g} (Eq. 2: {args.base_lr:g} x {args.batch_size} / 256), weight decay "
+          f"{args.weight_decay:g}, {own}; {args.device}, compile {'on' if args.compile else 'off'}, bf16 "
+          f"{'on' if args.amp else 'off'}", flush=True)
     if args.warmup_epochs >= args.epochs:
         note(f"the warm-up ({args.warmup_epochs} epochs) is not shorter than the run ({args.epochs}), so the lr never "
              f"reaches its peak; set --warmup-epochs")
@@ -372,10 +368,10 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
                      rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
         replace_file(checkpoint, lambda tmp: torch.save(state, tmp))
         if stop.requested:
-            print(f"interrupted ({signal.Signals(stop.requested).name}) after step {epoch * steps + batch} ({epoch} epochs "
-                  f"done); checkpoint saved. Resume with: python mae_vit.py --stage {args.stage} --out {args.out} --resume")
+            print(f"interrupted ({signal.Signals(stop.requested).name}) after step {epoch * steps + batch} ({epoch} "
+                  f"epochs done); checkpoint saved. Resume with: python mae_vit.py --stage {args.stage} --out "
+                  f"{args.out} --resume")
             raise SystemExit(128 + stop.requested)   # 130 for Ctrl-C, 143 for SIGTERM
-
     model.train()
     with StopRequest() as stop:
         for epoch in range(epoch, args.epochs):
@@ -393,27 +389,26 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
             loss = loss_sum.item() / (done - start)                  # the epoch's one host sync
             if not math.isfinite(loss):
                 kept = f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint) else "no checkpoint"
-                raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step {int(bad_step) + 1}; stopped without "
-                                 f"saving ({kept})")
+                raise SystemExit(f"error: non-finite loss at epoch {epoch + 1}, step {int(bad_step) + 1}; stopped "
+                                 f"without saving ({kept})")
             if done < steps:                                         # a signal, mid-epoch
                 save(epoch, done)
             seconds = time.time() - t0
             ips, start = (done - start) * args.batch_size / seconds, 0   # training only, no eval
-            row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "accuracy": None, **evaluate(epoch + 1)}
+            metrics = evaluate(epoch + 1)                            # on the test split: {"accuracy": ...}
+            row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "accuracy": None, **metrics}
             model.train()
             ends.append(time.time())     # the ETA leaves out this process's first epoch: it compiles, and
-            eta = (args.epochs - epoch - 1) * ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0] - t0)
+            eta = (args.epochs - epoch - 1) * ((ends[-1] - ends[0]) / (len(ends) - 1) if ends[1:] else ends[0] - t0)
             eta = (f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"   # after --resume it
                    if len(ends) > 1 or not (args.compile and eta) else "ETA after the next epoch")  # may be partial
-            shown = "".join(f" | {name} {100 * row[key]:.2f}%" for key, name in SHOWN.items() if row.get(key) is not None)
+            shown = "".join(f" | {key.replace('_', ' ')} {100 * value:.2f}%" for key, value in metrics.items())
             append_line(os.path.join(args.out, "metrics.jsonl"), {**row, "images_per_s": ips, "seconds": seconds})
             print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | lr {lr:.2e}{shown} | {ips:,.0f} img/s | "
                   f"{seconds:.1f} s | {eta}", flush=True)
             if stop.requested or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 save(epoch + 1, 0)
     return loss
-
-SHOWN = {"accuracy": "test acc"}                 # the metrics an epoch's console line shows
 
 def test_batches(images, limit):
     """(start, batch) of test images, all of the largest size <= limit that divides N (one graph, none left out)."""
@@ -440,8 +435,8 @@ def save_reconstructions(mae, images, noise, path, args):
     replace_file(path, lambda tmp: torchvision.utils.save_image(triplets, tmp, format="png", nrow=6, padding=2))
 
 # ==== Checkpoints and logs: plain values (weights_only=True), written so a kill or full disk keeps the last copy
-RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs", "mask_ratio", "alpha",
-            "layer_decay", "crop_scale", "seed", "init")                     # fixed for a run
+RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs", "mask_ratio",
+            "alpha", "layer_decay", "crop_scale", "seed", "init")           # fixed for a run
 CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "batch", "step", "args", "rng_cpu", "rng_cuda"}
 
 def replace_file(path, write):
@@ -465,7 +460,7 @@ def write_failed(path, e):
     why = getattr(e, "strerror", None) or f"{type(e).__name__}; is the disk full?"
     raise SystemExit(f"error: could not write {path} ({why}); stopped, the files written before are unchanged")
 
-def load_checkpoint(path):
+def load_checkpoint(path, stage=None):
     """One of our checkpoints: the keys resume and eval read, then a strict load into a meta model (no memory)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
@@ -479,6 +474,8 @@ def load_checkpoint(path):
             or args["dataset"] not in (CLASSES if ckpt["stage"] == "finetune" else DATASETS)
             or not all(isinstance(ckpt[k], int) for k in ("epoch", "batch", "step"))):
         raise UsageError(f"{path} is not a mae_vit checkpoint")
+    if stage and ckpt["stage"] != stage:
+        raise UsageError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} one (a run goes on with --resume)")
     with torch.device("meta"):
         model = MAE() if ckpt["stage"] == "pretrain" else Classifier(CLASSES[args["dataset"]])
     try:                                       # meta copies: the checkpoint's tensors stay as they are
@@ -510,7 +507,6 @@ def pretrain(args, resume):
     def batches(epoch, start):                   # (B, 3, 32, 32) uint8, picked on the device
         order = epoch_order(len(images), args.seed, epoch).to(device)
         return (images[order[b * args.batch_size:(b + 1) * args.batch_size]] for b in range(start, steps))
-
     step_loss = lambda x: compiled(crop_flip_normalize(x, args.crop_scale))[0]
     return dict(final_loss=train(args, model, step_loss, batches, steps, resume))
 
@@ -518,17 +514,15 @@ def finetune(args, resume):
     """§3.3, Table 2: the encoder (pre-trained, from --init; else from scratch) + a linear head."""
     device, model = setup_device(args), Classifier(CLASSES[args.dataset])
     if args.init and not resume:
-        init = load_checkpoint(args.init)
-        if init["stage"] != "pretrain":
-            raise UsageError(f"--init {args.init} is a {init['stage']} checkpoint; fine-tuning starts from a pretrain "
-                             f"checkpoint (continue a run with --resume)")
-        model.encoder.load_state_dict({k[8:]: v for k, v in init["model"].items() if k.startswith("encoder.")})
-    (images, labels), (test_images, test_labels) = (load_cifar(args.dataset, args.data_dir, s) for s in ("train", "test"))
+        init = load_checkpoint(args.init, "pretrain")["model"]
+        model.encoder.load_state_dict({k[8:]: v for k, v in init.items() if k.startswith("encoder.")})
+    images, labels = load_cifar(args.dataset, args.data_dir, "train")
+    test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test")
     steps = prepare_out(args, resume, len(images))
     model, test_images, test_labels = model.to(device), test_images.to(device), test_labels.to(device)
     compiled = maybe_compile(model, args)
-    order = run_batches(len(images), args.batch_size, args.seed, args.epochs, (resume["epoch"], resume["batch"]) if resume
-                        else (0, 0))
+    first = (resume["epoch"], resume["batch"]) if resume else (0, 0)
+    order = run_batches(len(images), args.batch_size, args.seed, args.epochs, first)
     stream = iter(autoaugment_loader(images, labels, order, args.num_workers, device.type == "cuda"))  # one pass
     batches = lambda epoch, start: ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                                     for x, y in (next(stream) for _ in range(start, steps)))
@@ -556,10 +550,12 @@ def evaluate_stage(args, ckpt):
         result["test_accuracy"] = accuracy_on(compiled, images, labels, args)
         print(f"test accuracy: {100 * result['test_accuracy']:.2f}%")
     else:
-        noise = torch.rand(len(images), NUM_PATCHES, device=device, generator=torch.Generator(device).manual_seed(args.seed))
-        with torch.no_grad(), autocast(args):                  # each image masked by its fixed row of noise
-            losses = [float(compiled.eval()(x, noise[i:i + len(x)])[0]) * len(x) for i, x in test_batches(images, args.batch_size)]
-        result.update(test_loss=sum(losses) / len(images), reconstructions=os.path.join(args.out, "reconstructions.png"))
+        generator = torch.Generator(device).manual_seed(args.seed)     # fixed masks: a row of noise an image
+        noise = torch.rand(len(images), NUM_PATCHES, device=device, generator=generator)
+        with torch.no_grad(), autocast(args):
+            losses = [float(compiled.eval()(x, noise[i:i + len(x)])[0]) * len(x)
+                      for i, x in test_batches(images, args.batch_size)]
+        result.update(test_loss=sum(losses) / len(images), reconstructions=f"{args.out}/reconstructions.png")
         print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}")
         save_reconstructions(model, images[:8], noise[:8], result["reconstructions"], args)
     append_line(os.path.join(args.out, "metrics.jsonl"), result)
@@ -596,7 +592,8 @@ def bench(args, _):
     counters.clear()
     pre_bs, fine_bs = args.batch_size or (1408 if cuda else 128), args.batch_size or (768 if cuda else 128)
     pool = torch.randint(0, 256, (4 * pre_bs, 3, 32, 32), dtype=torch.uint8, device=device)
-    x, y, noise = pool[:fine_bs], torch.randint(0, 10, (fine_bs,), device=device), torch.rand(pre_bs, 144, device=device)
+    x, y = pool[:fine_bs], torch.randint(0, 10, (fine_bs,), device=device)
+    noise = torch.rand(pre_bs, NUM_PATCHES, device=device)
     stages = {  # model, batch size, the loss of its training step, a loss on one fixed batch and mask
         "pretrain": (MAE().to(device), pre_bs, lambda m: m(crop_flip_normalize(pool[torch.randint(
                      0, len(pool), (pre_bs,), device=device)], PRETRAIN["crop_scale"]))[0],
@@ -631,31 +628,29 @@ def bench(args, _):
         stages["finetune"][0](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
     fine_ips = min(ips["finetune"], loader_ips)       # the two run side by side. MACs: the paper's 0.26 G is thop's
     return dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, compile=args.compile,
-                amp=args.amp, parameters=count_parameters(stages["finetune"][0]), macs_per_image=counter.get_total_flops() / 2,
-                pretrain_batch=pre_bs, finetune_batch=fine_bs, pretrain_img_per_s=ips["pretrain"],
-                finetune_step_img_per_s=ips["finetune"], finetune_loader_img_per_s=loader_ips, finetune_img_per_s=fine_ips,
-                compiled_graphs=graphs, loss_rel_diff_vs_fp32=loss_rel_diff,
+                amp=args.amp, parameters=count_parameters(stages["finetune"][0]),
+                macs_per_image=counter.get_total_flops() / 2, pretrain_batch=pre_bs, finetune_batch=fine_bs,
+                pretrain_img_per_s=ips["pretrain"], finetune_step_img_per_s=ips["finetune"],
+                finetune_loader_img_per_s=loader_ips, finetune_img_per_s=fine_ips, compiled_graphs=graphs,
+                loss_rel_diff_vs_fp32=loss_rel_diff,
                 projected_recipe_hours=(4000 * 50_000 / ips["pretrain"] + 300 * 50_000 / fine_ips) / 3600)
 
 # ==== Command line: each flag once, with its help, the check its value must pass, and the stages that read it
-def finite(text):
-    """argparse type of the real-valued flags: nan and inf are refused at once."""
+def finite(text):                      # argparse type of the real-valued flags: nan and inf are refused at once
     if not math.isfinite(value := float(text)):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
 
-POSITIVE, NOT_NEGATIVE = (lambda v: v > 0, "{f} must be positive, got {v}"), (lambda v: v >= 0, "{f} must not be negative, got {v}")
+POSITIVE = (lambda v: v > 0, "{f} must be positive, got {v}")
+NOT_NEGATIVE = (lambda v: v >= 0, "{f} must not be negative, got {v}")
 NOT_EMPTY = (lambda v: v != "", "{f} is empty")               # e.g. --init "$CKPT" with CKPT unset
-# Stages: p(retrain), f(inetune), e(val), b(ench). A recipe flag given to a stage that does not read it is
-# refused, not ignored, so that no one believes a run used a value it never saw; eval of a finetune
-# checkpoint also refuses what fine-tuning does not read (a classifier has no mask and no Eq. 1).
+# Stages p(retrain), f(inetune), e(val), b(ench): a recipe flag given to a stage that does not read it is refused,
+# so that no one believes a run used a value it never saw (eval of a classifier refuses what fine-tuning ignores).
 FLAGS = [  # flag, argparse keywords, (test, message) or None, the stages that read it (None: all)
-    ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1; finetune: Table 2; eval; bench"),
-     None, None),
+    ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1, finetune: Table 2"), None, None),
     ("--dataset", dict(choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training"), None, "pfe"),
     ("--data-dir", dict(help="holds cifar-10-batches-py/, cifar-100-python/ (default ./data)"), NOT_EMPTY, None),
-    ("--out", dict(help="output folder (default runs/<stage>-<dataset>, eval: runs/eval-<its stage>-<dataset>)"),
-     NOT_EMPTY, None),
+    ("--out", dict(help="output folder (default runs/<stage>-<dataset>)"), NOT_EMPTY, None),
     ("--epochs", dict(type=int, help="Table 1: 4000, Table 2: 300"), POSITIVE, "pf"),
     ("--warmup-epochs", dict(type=int, help="Table 1: 400, Table 2: 20"), NOT_NEGATIVE, "pf"),
     ("--batch-size", dict(type=int, help="Table 1: 1408, Table 2: 768, eval: <= 1000"), POSITIVE, None),
@@ -665,21 +660,20 @@ FLAGS = [  # flag, argparse keywords, (test, message) or None, the stages that r
     ("--mask-ratio", dict(type=finite, help="§2: 0.75"), (lambda v: 0 < v < 1 and 0 < int(NUM_PATCHES * (1 - v)) < 144,
      "{f} {v} must be in (0, 1) and leave at least one visible and one masked patch of 144"), "pe"),
     ("--alpha", dict(type=finite, help="Eq. 1's discount of the visible patches; Table 1: 0.1"), NOT_NEGATIVE, "pe"),
-    ("--layer-decay", dict(type=finite, help="Table 2: 0.75 (pretrain: 1, none)"), (lambda v: 0 < v <= 1,
-     "{f} must be in (0, 1], got {v}"), "pf"),
-    ("--crop-scale", dict(type=finite, nargs=2, metavar=("MIN", "MAX"), help="crop area; Table 1: 0.6 1, Table 2: 0.8 1"),
+    ("--layer-decay", dict(type=finite, help="Table 2: 0.75"), (lambda v: 0 < v <= 1, "{f} must be in (0, 1], got {v}"),
+     "pf"),
+    ("--crop-scale", dict(type=finite, nargs=2, metavar=("MIN", "MAX"), help="Table 1: 0.6 1, Table 2: 0.8 1"),
      (lambda v: 0 < v[0] <= v[1] <= 1, "{f} must be MIN MAX in (0, 1], MIN <= MAX, got {v}"), "pf"),
-    ("--init", dict(help="finetune: a pretrain checkpoint (absent: from scratch); eval: the checkpoint"), NOT_EMPTY, None),
+    ("--init", dict(help="finetune: a pretrain checkpoint (else from scratch); eval: the checkpoint"), NOT_EMPTY, None),
     ("--resume", dict(action="store_true", help="continue the run in --out from its checkpoint.pth"), None, None),
-    ("--save-every", dict(type=int, help="epochs between checkpoints, and one at the end (default 20)"), POSITIVE, "pf"),
-    ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"), (lambda v:
-     re.fullmatch(r"cpu|cuda(:\d+)?", v), "{f} {v} is not a device name this program runs on: it runs on cpu or cuda (cuda:N)"), None),
-    ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: cuda, not eval)"), None, None),
+    ("--save-every", dict(type=int, help="epochs between checkpoints, and at the end (default 20)"), POSITIVE, "pf"),
+    ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"),
+     (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v), "{f} {v} is not a device name; it runs on cpu or cuda"), None),
+    ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: on cuda)"), None, None),
     ("--amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on cuda)"), None, None),
-    ("--seed", dict(type=int, help="one seed for all, §3 (default 0)"), (lambda v: 0 <= v < 2 ** 32,
-     "{f} must be in [0, 2^32), got {v}"), None),
-    ("--num-workers", dict(type=int, default=min(16, os.cpu_count() or 1), help="AutoAugment workers (default: cores, "
-     "<= 16)"), NOT_NEGATIVE, None)]
+    ("--seed", dict(type=int, help="§3's one seed"), (lambda v: 0 <= v < 2 ** 32, "{f} must be in [0, 2^32), got {v}"),
+     None),
+    ("--num-workers", dict(type=int, default=min(16, os.cpu_count() or 1), help="loader workers"), NOT_NEGATIVE, None)]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -699,9 +693,8 @@ def resolve(args):
         if (value := getattr(args, name[2:].replace("-", "_"))) is not None and check and not check[0](value):
             raise UsageError(check[1].format(f=name, v=value))
         if value is not None and reads and (args.stage[0] not in reads or classifier and "f" not in reads):
-            raise UsageError(f"{name} has no effect on {'eval of a finetune checkpoint' if classifier else '--stage ' + args.stage}; drop it")
-    if args.stage == "eval" and not args.init:
-        raise UsageError("--stage eval needs --init CHECKPOINT")
+            where = "eval of a finetune checkpoint" if classifier else f"--stage {args.stage}"
+            raise UsageError(f"{name} has no effect on {where}; drop it")
     if args.resume:
         if args.stage not in ("pretrain", "finetune") or args.out is None:
             raise UsageError("--resume continues the pretrain or finetune run in --out DIR")
@@ -709,33 +702,36 @@ def resolve(args):
         saved = state["args"]
         for key in [k for k in RUN_ARGS if k in saved]:              # (older runs saved no crop_scale)
             if getattr(args, key) not in (None, saved[key]):
-                raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} (started with "
-                                 f"{saved[key]}); only --epochs may change on --resume")
+                raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} "
+                                 f"(started with {saved[key]}); only --epochs may change on --resume")
             setattr(args, key, saved[key])
         args.epochs, args.data_dir = args.epochs or saved["epochs"], args.data_dir or saved["data_dir"]
         if args.epochs == state["epoch"]:
-            note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger --epochs extends it)")
-    defaults = {**COMMON, **RECIPES[args.stage]}
-    if args.stage == "eval":          # the checkpoint's dataset; a pre-trained MAE keeps its own Eq. 1
-        defaults.update({k: state["args"].get(k) for k in ("dataset", "mask_ratio", "alpha")})
-    for key, value in defaults.items():
+            note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger --epochs "
+                 f"extends it)")
+    own = ({k: state["args"].get(k) for k in ("dataset", "mask_ratio", "alpha")}   # eval: the checkpoint's
+           if state and args.stage == "eval" else {})
+    for key, value in {**COMMON, **RECIPES[args.stage], **own}.items():   # dataset, and Eq. 1 of an MAE
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.out is None and args.stage != "bench":
-        args.out = os.path.join("runs", f"{'eval-' + state['stage'] if args.stage == 'eval' else args.stage}-{args.dataset}")
+        args.out = os.path.join("runs", (f"eval-{state['stage']}" if state else args.stage) + f"-{args.dataset}")
     device = torch.device(args.device)
     gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
     classes = state["model"]["head.weight"].shape[0] if classifier else 0
     peak = peak_lr(args.base_lr, args.batch_size) if args.base_lr and args.batch_size else math.inf
     begun = state["epoch"] + (state["batch"] > 0) if args.resume else 0      # a started epoch counts
     for bad, message in [
-            (args.stage in ("pretrain", "bench") and args.init, "--init is for finetune and eval; pretraining resumes with --resume"),
-            (args.stage == "bench" and args.out, "--stage bench writes no files (it prints its result); drop --out"),
-            (args.stage != "bench" and not args.dataset, f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})"),
-            (args.stage == "finetune" and args.dataset not in CLASSES, "fine-tuning needs --dataset cifar10 or cifar100"),
-            (classes and CLASSES.get(args.dataset) != classes, f"{args.init} classifies {classes} classes, not {args.dataset}'s"),
-            (device.type == "cuda" and (device.index or 0) >= gpus, f"--device {args.device}: this machine has {gpus} CUDA device(s)"),
-            (args.resume and args.epochs < begun, f"--epochs {args.epochs} is fewer than the {begun} already begun in {args.out}"),
-            (args.min_lr > peak, f"--min-lr {args.min_lr} is above the peak lr {peak}")]:
+        (args.stage == "eval" and not args.init, "--stage eval needs --init CHECKPOINT"),
+        (args.init and args.stage in ("pretrain", "bench"), "--init is for finetune and eval (pretraining resumes)"),
+        (args.out and args.stage == "bench", "--stage bench writes no files (it prints its result); drop --out"),
+        (not args.dataset and args.stage != "bench", f"--stage {args.stage} needs --dataset ({', '.join(DATASETS)})"),
+        (args.stage == "finetune" and args.dataset not in CLASSES, "fine-tuning needs --dataset cifar10 or cifar100"),
+        (classes and CLASSES.get(args.dataset) != classes,
+         f"{args.init} classifies {classes} classes; {args.dataset} does not have {classes}"),
+        (device.type == "cuda" and (device.index or 0) >= gpus,
+         f"--device {args.device}: this machine has {gpus} CUDA device(s)"),
+        (args.resume and args.epochs < begun, f"--epochs {args.epochs} is fewer than the {begun} already begun"),
+        (args.min_lr > peak, f"--min-lr {args.min_lr} is above the peak lr {peak}")]:
         if bad:
             raise UsageError(message)
     # GPU defaults: torch.compile's Triton kernels need compute capability 7.0, bf16 8.0 (older GPUs emulate
@@ -744,9 +740,6 @@ def resolve(args):
     args.compile = capability >= (7, 0) and args.stage != "eval" if args.compile is None else args.compile
     args.amp = capability >= (8, 0) if args.amp is None else args.amp
     return state
-
-def resumable(args):                 # whether --out holds what --resume continues
-    return args.stage in ("pretrain", "finetune") and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
 
 def prepare_out(args, resume, num_images=None):
     """The checks that need the data or --out, then --out itself; returns the (full) batches per epoch."""
@@ -760,7 +753,7 @@ def prepare_out(args, resume, num_images=None):
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:
         raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); " + (
-            "use --resume to continue it or choose another --out" if resumable(args)
+            "use --resume to continue it or choose another --out" if "checkpoint.pth" in taken and args.stage != "eval"
             else "it has no checkpoint to resume, so choose another --out"))
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -768,16 +761,13 @@ def prepare_out(args, resume, num_images=None):
         raise UsageError(f"--out {args.out} cannot be created ({e.strerror})") from None
     if not os.access(args.out, os.W_OK):
         raise UsageError(f"--out {args.out} is not writable")
-    lines = open(log).readlines() if resume and os.path.exists(log) else []
-
-    def epoch_of(number, line):
+    lines, kept = open(log).readlines() if resume and os.path.exists(log) else [], []
+    for n, line in enumerate(lines, 1):      # (a torn last line, with no newline, goes too)
         try:
-            return int(json.loads(line)["epoch"])
+            kept += [line] if line.endswith("\n") and int(json.loads(line)["epoch"]) <= resume["epoch"] else []
         except (ValueError, KeyError, TypeError):
-            raise UsageError(f"line {number} of {log} is not an epoch's record; remove or fix it to resume") from None
-
-    kept = [line for n, line in enumerate(lines, 1) if line.endswith("\n") and epoch_of(n, line) <= resume["epoch"]]
-    if len(kept) < len(lines):               # (a torn last line, with no newline, goes too)
+            raise UsageError(f"line {n} of {log} is not an epoch's record; remove or fix it to resume") from None
+    if len(kept) < len(lines):
         replace_file(log, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
         note(f"{len(lines) - len(kept)} line(s) of {log} after epoch {resume['epoch']}, the checkpoint's, are dropped: "
              f"those epochs run again")
@@ -795,14 +785,13 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:           # e.g. Table 2's batch of 768 on a small GPU
         print(f"error: {args.device} ran out of memory at batch size {args.batch_size or 'default'}; " + (
             "its checkpoint is kept: resume it where more GPU memory is free, or start a new --out with a smaller "
-            "--batch-size" if resumable(args)    # (--resume refuses another batch size)
+            "--batch-size" if args.stage != "bench" and os.path.exists(os.path.join(args.out, "checkpoint.pth"))
             else "a smaller --batch-size needs less (Eq. 2 scales the lr with it)"), file=sys.stderr)
         return 1
-    summary = dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result)
-    if args.out:
-        summary.update(out=args.out, metrics=os.path.join(args.out, "metrics.jsonl"), checkpoint=os.path.join(
-            args.out, "checkpoint.pth") if args.stage in ("pretrain", "finetune") else None)
-    print(json.dumps(summary), flush=True)
+    paths = args.out and dict(out=args.out, metrics=os.path.join(args.out, "metrics.jsonl"), checkpoint=os.path.join(
+        args.out, "checkpoint.pth") if args.stage in ("pretrain", "finetune") else None)
+    print(json.dumps(dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result, **(paths or {}))),
+          flush=True)
     return 0
 
 if __name__ == "__main__":
