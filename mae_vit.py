@@ -93,7 +93,7 @@ class Block(nn.Module):
 def random_masking(noise, mask_ratio):
     """§2: mask `mask_ratio` of each image's 144 patches, uniformly, without replacement: those with the smallest
     (B, 144) uniform `noise` stay visible; the dummy never is masked. Returns keep (B, 36 + 1), the tokens the encoder
-    sees, the dummy (144) last; restore (B, 144) puts [visible, masked] back in image order; mask (B, 144), 1 = masked."""
+    sees, the dummy (144) last; restore (B, 144) puts [visible, masked] back in order; mask (B, 144), 1 = masked."""
     num_keep = int(NUM_PATCHES * (1 - mask_ratio))                   # 36 for 0.75
     shuffle = noise.argsort(1)                                       # a random permutation
     restore = shuffle.argsort(1)
