@@ -355,6 +355,7 @@ def test_default_recipe_is_tables_1_and_2():
         assert {k: getattr(args, k) for k in expected} == expected, stage
         assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and not args.amp
         assert args.save_every == 20 and args.data_dir == "./data"
+        assert args.crop_scale == {"pretrain": (0.6, 1.0), "finetune": (0.8, 1.0)}[stage]     # Tables 1-2
     assert M.PRETRAIN["crop_scale"] == (0.6, 1.0) and M.FINETUNE["crop_scale"] == (0.8, 1.0)
 
 
@@ -530,7 +531,8 @@ def test_compiled_steps_do_not_recompile():
 
 
 # ---------------------------------------------------------------- the command line, end to end
-def test_pretrain_finetune_eval_end_to_end(data, tmp_path):
+def test_pretrain_finetune_eval_end_to_end(data, tmp_path, capsys):
+    """The first step through the real command line in a new interpreter; the rest in this process."""
     pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
     r = run_cli("--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", pre, *TINY)
     assert "parameters: 4,856,256" in r.stdout
@@ -547,22 +549,23 @@ def test_pretrain_finetune_eval_end_to_end(data, tmp_path):
     assert ckpt["stage"] == "pretrain" and ckpt["epoch"] == 2 and "optimizer" in ckpt
     assert ckpt["args"]["batch_size"] == 16 and ckpt["args"]["base_lr"] == 1.5e-4   # Table 1
 
-    r = run_cli("--stage", "finetune", "--dataset", "cifar10", "--data-dir", data, "--out", ft,
-                "--init", os.path.join(pre, "checkpoint.pth"), *TINY[:-1], "1")
-    assert "parameters: 3,636,490" in r.stdout
-    s = summary(r)
+    s, out = run_main(capsys, "--stage", "finetune", "--dataset", "cifar10", "--data-dir", data, "--out", ft,
+                      "--init", os.path.join(pre, "checkpoint.pth"), *TINY[:-1], "1")
+    assert "parameters: 3,636,490" in out
     assert 0 <= s["test_accuracy"] <= 1 and s["checkpoint"] == os.path.join(ft, "checkpoint.pth")
     assert metrics(ft)[-1]["accuracy"] == s["test_accuracy"]
+    # §4.2: the best epoch too, read from the log, and said to be chosen on the test split
+    best = max(metrics(ft), key=lambda row: row["accuracy"])
+    assert (s["best_test_accuracy"], s["best_epoch"]) == (best["accuracy"], best["epoch"])
+    assert f"best test accuracy {100 * best['accuracy']:.2f}% at epoch {best['epoch']} (chosen on the test split" in out
     ckpt = torch.load(s["checkpoint"], weights_only=True)
     assert ckpt["args"]["layer_decay"] == 0.75 and ckpt["args"]["base_lr"] == 1e-3     # Table 2
 
-    r = run_cli("--stage", "eval", "--init", s["checkpoint"], "--data-dir", data, "--out", str(tmp_path / "ev"))
-    e = summary(r)
+    e, _ = run_main(capsys, "--stage", "eval", "--init", s["checkpoint"], "--data-dir", data, "--out", str(tmp_path / "ev"))
     assert e["test_accuracy"] == pytest.approx(s["test_accuracy"]) and e["dataset"] == "cifar10"
 
-    r = run_cli("--stage", "eval", "--init", os.path.join(pre, "checkpoint.pth"), "--data-dir", data,
-                "--out", str(tmp_path / "ev2"))
-    e = summary(r)
+    e, _ = run_main(capsys, "--stage", "eval", "--init", os.path.join(pre, "checkpoint.pth"), "--data-dir", data,
+                    "--out", str(tmp_path / "ev2"))
     assert math.isfinite(e["test_loss"])
     from PIL import Image                    # arrives with torchvision
     assert Image.open(e["reconstructions"]).size == (6 * 38 + 2, 4 * 38 + 2)  # 8 triplets, 2 a row
@@ -766,6 +769,30 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert (mid / "metrics.jsonl").read_text() == log
 
 
+def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(data, tmp_path, monkeypatch, capsys):
+    """--crop-scale reaches the augmentation; a run keeps it on --resume; a checkpoint written before the flag
+    existed (no crop_scale in its arguments) resumes with the table's value."""
+    seen, real = [], M.crop_flip_normalize
+    monkeypatch.setattr(M, "crop_flip_normalize", lambda images, scale: seen.append(scale) or real(images, scale))
+    out = str(tmp_path / "run")
+    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out, "--epochs", "1",
+                   "--batch-size", "32", "--crop-scale", "0.5", "0.9"]) == 0
+    assert set(seen) == {(0.5, 0.9)} and len(seen) == 3                  # 100 images: 3 steps of 32
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["args"]["crop_scale"] == (0.5, 0.9)
+    capsys.readouterr()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--crop-scale", "0.6", "1"]) == 2
+    assert "--crop-scale (0.6, 1.0) conflicts" in capsys.readouterr().err
+    seen.clear()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2"]) == 0
+    assert set(seen) == {(0.5, 0.9)}
+    state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    del state["args"]["crop_scale"]                                     # as the checkpoints of earlier versions
+    torch.save(state, os.path.join(out, "checkpoint.pth"))
+    seen.clear()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "3"]) == 0
+    assert set(seen) == {(0.6, 1.0)}
+
+
 def test_resume_refuses_another_training_set(data, tmp_path, capsys):
     """The position saved (epoch, batch, step) only means something on the same data."""
     out, other = str(tmp_path / "run"), str(tmp_path / "other")
@@ -944,6 +971,9 @@ BAD = {
     "negative alpha": ("pretrain --dataset cifar10 --alpha -0.1", "--alpha must not be negative"),
     "negative weight decay": ("finetune --dataset cifar10 --weight-decay -1", "--weight-decay must not be negative"),
     "negative workers": ("finetune --dataset cifar10 --num-workers -1", "--num-workers must not be negative"),
+    "crop scale reversed": ("pretrain --dataset cifar10 --crop-scale 0.9 0.5", "--crop-scale must be MIN MAX"),
+    "crop scale of one number": ("finetune --dataset cifar10 --crop-scale 0.8", "--crop-scale: expected 2 arguments"),
+    "eval given --crop-scale": ("eval --init {ft} --crop-scale 0.8 1", "--crop-scale has no effect on"),
     "layer decay above 1": ("finetune --dataset cifar10 --layer-decay 1.5", "--layer-decay must be in (0, 1]"),
     "lr not a number": ("pretrain --dataset cifar10 --base-lr nan", "argument --base-lr: nan is not a finite"),
     "infinite alpha": ("pretrain --dataset cifar10 --alpha inf", "argument --alpha: inf is not a finite"),
