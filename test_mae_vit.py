@@ -1101,3 +1101,19 @@ def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile
     assert forced.amp is True                                  # an explicit flag is obeyed
     with pytest.raises(M.UsageError, match=r"has 1 CUDA device\(s\)"):
         M.resolve(M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:1"]))
+
+
+def test_the_readme_python_example_runs(checkpoints, tmp_path, monkeypatch, capsys):
+    """README.md's "Use it from Python" block, run as written, in a folder laid out as the README's commands leave it."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    code = readme.split("## Use it from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    write_cifar("data")
+    os.makedirs("runs/pretrain-cifar10")
+    with open(checkpoints["pre"], "rb") as src, open("runs/pretrain-cifar10/checkpoint.pth", "wb") as dst:
+        dst.write(src.read())
+    names = {}
+    exec(compile(code, "README.md", "exec"), names)
+    assert names["reconstruction"].shape == (8, 3, 36, 36) and names["features"].shape == (8, 192)
+    assert names["mask"].sum(1).eq(108).all() and math.isfinite(names["loss"])
+    assert "Eq. 1 loss" in capsys.readouterr().out
