@@ -327,8 +327,7 @@ class StopRequest:
     def handler(self, signum, frame):              # os.write: print() is not reentrant
         self.requested = signum
         signal.signal(signum, self.previous[signum])
-        os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step (send it again to quit at "
-                    f"once)\n".encode())
+        os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint (send it again to quit at once)\n".encode())
 
     def __exit__(self, *exc):
         for s, previous in self.previous.items():
@@ -434,6 +433,27 @@ def save_reconstructions(mae, images, noise, path, args):
     triplets = torch.stack([x, masked, unpatchify(pred.float())], 1).flatten(0, 1) * STD + MEAN
     replace_file(path, lambda tmp: torchvision.utils.save_image(triplets, tmp, format="png", nrow=6, padding=2))
 
+@torch.no_grad()
+def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, k=20, limit=1000):
+    """Top-1 of frozen features by Wu et al.'s weighted k-NN (as in DINO): each test image's k most cosine-similar
+    training images vote exp(similarity / 0.07). A feature: the encoder's dummy token (what the head reads) on all 145
+    tokens of the unaugmented image, L2-normalized. uint8 images on one device; leaves the encoder in eval mode."""
+    encoder.eval()
+    bank, queries = (torch.cat([F.normalize(encoder(patchify(x))[:, -1].float(), dim=1)          # (N, 192)
+                                for _, x in test_batches(images, limit)]) for images in (train_images, test_images))
+    correct, classes = 0, int(train_labels.max()) + 1
+    for i in range(0, len(queries), limit):      # a batch of test images at a time: never all of (test x train)
+        similarity, nearest = (queries[i:i + limit] @ bank.T).float().topk(min(k, len(bank)), dim=1)  # (b, k)
+        votes = torch.zeros(len(nearest), classes, device=bank.device).scatter_add_(                  # (b, classes)
+            1, train_labels[nearest], (similarity / 0.07).exp())
+        correct += int((votes.argmax(1) == test_labels[i:i + limit]).sum())   # a tie goes to the lower class
+    return correct / len(test_images)
+
+def snapshot_epochs(epochs, save_every):
+    """The checkpoints nearest each tenth of a run: their reconstructions are kept (Figure 5: epochs 20, 1020...)."""
+    saved = sorted({*range(save_every, epochs + 1, save_every), epochs})
+    return {min(saved, key=lambda c: abs(c - j * epochs / 10)) for j in range(11)}
+
 # ==== Checkpoints and logs: plain values (weights_only=True), written so a kill or full disk keeps the last copy
 RUN_ARGS = ("stage", "dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs", "mask_ratio",
             "alpha", "layer_decay", "crop_scale", "seed", "init")           # fixed for a run
@@ -499,16 +519,34 @@ def maybe_compile(model, args):
 def pretrain(args, resume):
     """§3.2, Table 1. The uint8 training set lives on the device, where batches, crops, flips and masks are drawn."""
     device = setup_device(args)
-    images, _ = load_cifar(args.dataset, args.data_dir, "train")
+    images, labels = load_cifar(args.dataset, args.data_dir, "train")
+    knn_set = args.dataset.split("+")[0]         # k-NN's labelled splits: the dataset's own (merged: CIFAR-10's)
+    knn = [*((None, labels) if knn_set == args.dataset else load_cifar(knn_set, args.data_dir, "train")),
+           *load_cifar(knn_set, args.data_dir, "test")]
     steps = prepare_out(args, resume, len(images))
     images, model = images.to(device), MAE(args.mask_ratio, args.alpha).to(device)
-    compiled = maybe_compile(model, args)
+    knn = [images if t is None else t.to(device) for t in knn]
+    compiled, encoder = maybe_compile(model, args), maybe_compile(model.encoder, args)
+    noise = torch.rand(8, NUM_PATCHES, generator=torch.Generator().manual_seed(args.seed)).to(device)  # as eval's
+
+    def evaluate(epoch):                         # no random draw: resuming stays exact
+        if epoch % args.save_every == 0 or epoch == args.epochs:     # Figure 4's picture; Figure 5's at the tenths
+            kept = epoch in snapshot_epochs(args.epochs, args.save_every)
+            for name in ["reconstructions.png"] + [f"reconstructions-epoch{epoch:04d}.png"] * kept:
+                save_reconstructions(model, knn[2][:8], noise, os.path.join(args.out, name), args)
+        if args.knn_every and (epoch % args.knn_every == 0 or epoch == args.epochs):
+            with autocast(args):
+                return dict(knn_accuracy=knn_accuracy(encoder, *knn, limit=args.batch_size))
+        return {}
 
     def batches(epoch, start):                   # (B, 3, 32, 32) uint8, picked on the device
         order = epoch_order(len(images), args.seed, epoch).to(device)
         return (images[order[b * args.batch_size:(b + 1) * args.batch_size]] for b in range(start, steps))
     step_loss = lambda x: compiled(crop_flip_normalize(x, args.crop_scale))[0]
-    return dict(final_loss=train(args, model, step_loss, batches, steps, resume))
+    loss = train(args, model, step_loss, batches, steps, resume, evaluate)
+    knn_log = [row["knn_accuracy"] for row in map(json.loads, open(os.path.join(args.out, "metrics.jsonl")))
+               if row.get("knn_accuracy") is not None]
+    return dict(final_loss=loss, knn_accuracy=knn_log[-1] if knn_log else None)
 
 def finetune(args, resume):
     """§3.3, Table 2: the encoder (pre-trained, from --init; else from scratch) + a linear head."""
@@ -538,33 +576,36 @@ def finetune(args, resume):
                 best_epoch=best["epoch"])
 
 def evaluate_stage(args, ckpt):
-    """A classifier's top-1 accuracy, or an MAE's Eq. 1 on the test split (fixed masks) and Figure 4's PNG."""
+    """A classifier's top-1 accuracy; or an MAE's Eq. 1 (fixed masks), k-NN accuracy and Figure 4's PNG."""
     device = setup_device(args)
     model = Classifier(CLASSES[args.dataset]) if ckpt["stage"] == "finetune" else MAE(args.mask_ratio, args.alpha)
     model.load_state_dict(ckpt["model"])
     images, labels = load_cifar(args.dataset, args.data_dir, "test")
+    knn_set = args.dataset.split("+")[0]         # as in pre-training
+    knn = [] if ckpt["stage"] == "finetune" else [*load_cifar(knn_set, args.data_dir, "train"), *(
+        (images, labels) if knn_set == args.dataset else load_cifar(knn_set, args.data_dir, "test"))]
     prepare_out(args, None)
-    model, images, labels = model.to(device), images.to(device), labels.to(device)
+    model, images, labels, knn = model.to(device), images.to(device), labels.to(device), [t.to(device) for t in knn]
     compiled, result = maybe_compile(model, args), dict(checkpoint_stage=ckpt["stage"])
     if ckpt["stage"] == "finetune":
         result["test_accuracy"] = accuracy_on(compiled, images, labels, args)
         print(f"test accuracy: {100 * result['test_accuracy']:.2f}%")
     else:
-        generator = torch.Generator(device).manual_seed(args.seed)     # fixed masks: a row of noise an image
-        noise = torch.rand(len(images), NUM_PATCHES, device=device, generator=generator)
+        noise = torch.rand(len(images), NUM_PATCHES, generator=torch.Generator().manual_seed(args.seed)).to(device)
         with torch.no_grad(), autocast(args):
             losses = [float(compiled.eval()(x, noise[i:i + len(x)])[0]) * len(x)
                       for i, x in test_batches(images, args.batch_size)]
-        result.update(test_loss=sum(losses) / len(images), reconstructions=f"{args.out}/reconstructions.png")
-        print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}")
+            knn = knn_accuracy(maybe_compile(model.encoder, args), *knn, limit=args.batch_size)
+        result.update(test_loss=sum(losses) / len(images), knn_accuracy=knn,
+                      reconstructions=os.path.join(args.out, "reconstructions.png"))
+        print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}, k-NN accuracy {knn:.2%}")
         save_reconstructions(model, images[:8], noise[:8], result["reconstructions"], args)
     append_line(os.path.join(args.out, "metrics.jsonl"), result)
     return result
 
 # ==== Speed only: attention kernels and --stage bench; the math is the same (a GPU test checks the kernels)
-# FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys, then the backward pass's two
-# loops), each the fastest measured on an H200 with torch 2.11, from which it is used; flash
-# attention's 128-query tiles would pad 145 tokens to 256.
+# FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys, then the backward pass's two loops), each the
+# fastest measured on an H200 with torch 2.11, from which it is used; flash's 128-query tiles would pad 145 to 256.
 FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
 if torch.__version__ >= "2.11":          # a TorchVersion: compared as a version, not as text
     from torch.nn.attention.flex_attention import flex_attention
@@ -590,6 +631,15 @@ def bench(args, _):
     sync = torch.cuda.synchronize if cuda else lambda: None
     torch._dynamo.reset()
     counters.clear()
+
+    def seconds(run, warmup, repeats):           # per call, after `warmup` calls (the first ones compile)
+        for i in range(warmup + repeats):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            run()
+        sync()
+        return (time.perf_counter() - t0) / repeats
     pre_bs, fine_bs = args.batch_size or (1408 if cuda else 128), args.batch_size or (768 if cuda else 128)
     pool = torch.randint(0, 256, (4 * pre_bs, 3, 32, 32), dtype=torch.uint8, device=device)
     x, y = pool[:fine_bs], torch.randint(0, 10, (fine_bs,), device=device)
@@ -603,13 +653,8 @@ def bench(args, _):
     ips, loss_rel_diff, graphs, precision = {}, {}, 0, torch.get_float32_matmul_precision()
     for stage, (model, bs, train_loss, fixed_loss) in stages.items():
         compiled, opt = maybe_compile(model, args), make_optimizer(model, 0.05, RECIPES[stage]["layer_decay"], device)
-        for i in range(2 + timed):
-            if i == 2:
-                sync()
-                t0 = time.perf_counter()
-            train_step(opt, lambda _: train_loss(compiled), None, 1e-4, args)
-        sync()
-        ips[stage], graphs = timed * bs / (time.perf_counter() - t0), graphs + counters["stats"]["unique_graphs"]
+        ips[stage] = bs / seconds(lambda: train_step(opt, lambda _: train_loss(compiled), None, 1e-4, args), 2, timed)
+        graphs += counters["stats"]["unique_graphs"]
         with torch.no_grad(), autocast(args):                              # in eval mode: no dropout
             fast = fixed_loss(compiled.eval()).float()
         counters.clear()                                                   # training graphs only
@@ -618,12 +663,15 @@ def bench(args, _):
             exact = fixed_loss(model)
         torch.set_float32_matmul_precision(precision)
         loss_rel_diff[stage] = float((fast - exact).abs() / exact)
-    skipped = 2 * max(1, args.num_workers)            # batches prefetched while the workers start: not timed
-    fake = torch.randint(0, 256, ((skipped + (128 if cuda else 12)) * fine_bs, 3, 32, 32), dtype=torch.uint8)
-    for i, _ in enumerate(autoaugment_loader(fake, torch.zeros(len(fake)), run_batches(len(fake), fine_bs, 0, 1),
-                                             args.num_workers, cuda)):
-        t0 = time.perf_counter() if i == skipped else t0
-    loader_ips = (len(fake) - (skipped + 1) * fine_bs) / (time.perf_counter() - t0)
+    encoder, labels = maybe_compile(stages["pretrain"][0].encoder, args), pool[:, 0, 0, 0].long() % 10
+    with autocast(args):                         # k-NN at a checkpoint sees 60,000 images
+        run = lambda: knn_accuracy(encoder, pool, labels, pool[:pre_bs], labels[:pre_bs], limit=pre_bs)
+        knn_seconds = seconds(run, 1, 1) * 60_000 / (len(pool) + pre_bs)
+    skipped, counted = 2 * max(1, args.num_workers), 128 if cuda else 12    # not timed: batches prefetched at start
+    fake = torch.randint(0, 256, ((skipped + counted) * fine_bs, 3, 32, 32), dtype=torch.uint8)
+    loaded = iter(autoaugment_loader(fake, torch.zeros(len(fake)), run_batches(len(fake), fine_bs, 0, 1),
+                                     args.num_workers, cuda))
+    loader_ips = fine_bs / seconds(lambda: next(loaded), skipped, counted)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         stages["finetune"][0](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
     fine_ips = min(ips["finetune"], loader_ips)       # the two run side by side. MACs: the paper's 0.26 G is thop's
@@ -632,7 +680,8 @@ def bench(args, _):
                 macs_per_image=counter.get_total_flops() / 2, pretrain_batch=pre_bs, finetune_batch=fine_bs,
                 pretrain_img_per_s=ips["pretrain"], finetune_step_img_per_s=ips["finetune"],
                 finetune_loader_img_per_s=loader_ips, finetune_img_per_s=fine_ips, compiled_graphs=graphs,
-                loss_rel_diff_vs_fp32=loss_rel_diff,
+                loss_rel_diff_vs_fp32=loss_rel_diff, knn_seconds_per_checkpoint=knn_seconds,
+                knn_share_of_pretraining=knn_seconds / (knn_seconds + 20 * 50_000 / ips["pretrain"]),
                 projected_recipe_hours=(4000 * 50_000 / ips["pretrain"] + 300 * 50_000 / fine_ips) / 3600)
 
 # ==== Command line: each flag once, with its help, the check its value must pass, and the stages that read it
@@ -667,6 +716,7 @@ FLAGS = [  # flag, argparse keywords, (test, message) or None, the stages that r
     ("--init", dict(help="finetune: a pretrain checkpoint (else from scratch); eval: the checkpoint"), NOT_EMPTY, None),
     ("--resume", dict(action="store_true", help="continue the run in --out from its checkpoint.pth"), None, None),
     ("--save-every", dict(type=int, help="epochs between checkpoints, and at the end (default 20)"), POSITIVE, "pf"),
+    ("--knn-every", dict(type=int, help="k-NN every N epochs; 0: never (default: --save-every)"), NOT_NEGATIVE, "p"),
     ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu", help="cuda where available"),
      (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v), "{f} {v} is not a device name; it runs on cpu or cuda"), None),
     ("--compile", dict(action=argparse.BooleanOptionalAction, help="torch.compile (default: on cuda)"), None, None),
@@ -705,14 +755,16 @@ def resolve(args):
                 raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} "
                                  f"(started with {saved[key]}); only --epochs may change on --resume")
             setattr(args, key, saved[key])
-        args.epochs, args.data_dir = args.epochs or saved["epochs"], args.data_dir or saved["data_dir"]
+        for key in ("epochs", "data_dir", "save_every", "knn_every"):         # may change; else the run's own
+            setattr(args, key, saved.get(key) if getattr(args, key) is None else getattr(args, key))
         if args.epochs == state["epoch"]:
             note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger --epochs "
                  f"extends it)")
-    own = ({k: state["args"].get(k) for k in ("dataset", "mask_ratio", "alpha")}   # eval: the checkpoint's
+    own = ({k: state["args"].get(k) for k in ("dataset", "data_dir", "mask_ratio", "alpha")}   # eval: the run's
            if state and args.stage == "eval" else {})
     for key, value in {**COMMON, **RECIPES[args.stage], **own}.items():   # dataset, and Eq. 1 of an MAE
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    args.knn_every = args.save_every if args.knn_every is None else args.knn_every
     if args.out is None and args.stage != "bench":
         args.out = os.path.join("runs", (f"eval-{state['stage']}" if state else args.stage) + f"-{args.dataset}")
     device = torch.device(args.device)

@@ -28,12 +28,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------- helpers
-def write_cifar(root, name="cifar10", per_batch=20, test=40, seed=0):
+def write_cifar(root, name="cifar10", per_batch=20, test=40, seed=0, colours=False):
     """A tiny dataset in the on-disk CIFAR format that torchvision's CIFAR10 / CIFAR100 read:
     pickled dicts with `data` (uint8, N x 3072) and labels, and the label names. Images are
     smooth colour gradients so they can be learned; the label is the dominant channel (plus
     noise classes for CIFAR-100). torchvision checks each file against the md5 of the real
-    set, so the folder also gets md5.json with these files' own sums (see offline_cifar)."""
+    set, so the folder also gets md5.json with these files' own sums (see offline_cifar). colours=True: each class is
+    one colour of its own, with a little noise, so that the classes are separable."""
     kind = getattr(torchvision.datasets, name.upper())
     classes, label_key = (10, "labels") if name == "cifar10" else (100, "fine_labels")
     rng = np.random.default_rng(seed)
@@ -45,6 +46,9 @@ def write_cifar(root, name="cifar10", per_batch=20, test=40, seed=0):
         yy, xx = np.mgrid[0:32, 0:32] / 31.0
         imgs = np.zeros((n, 3, 32, 32))
         for i, label in enumerate(labels):
+            if colours:
+                imgs[i] = np.array([label % 3, label // 3 % 3, label // 9])[:, None, None] / 2.2 + rng.uniform(0, 0.05, (3, 32, 32))
+                continue
             a, b, c = rng.uniform(0.2, 1.0, 3)
             imgs[i, label % 3] = a * xx + (1 - a) * yy
             imgs[i, (label + 1) % 3] = b * yy
@@ -575,7 +579,7 @@ def test_cross_dataset_and_merged_pretraining(tmp_path, capsys):
     root = write_cifar(str(tmp_path / "data"))
     write_cifar(root, "cifar100", per_batch=20, test=40)
     pre = str(tmp_path / "pre")
-    s, _ = run_main(capsys, "--stage", "pretrain", "--dataset", "cifar10+cifar100", "--data-dir", root,
+    s, _ = run_main(capsys, "--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10+cifar100", "--data-dir", root,
                     "--out", pre, "--epochs", "1", "--batch-size", "64")
     assert s["dataset"] == "cifar10+cifar100"
     _, out = run_main(capsys, "--stage", "finetune", "--dataset", "cifar100", "--data-dir", root,
@@ -700,11 +704,13 @@ def test_stop_signal_sets_a_flag_and_a_second_one_acts_at_once(capfd):
 
 @pytest.mark.parametrize("stage, sig", [("pretrain", signal.SIGINT), ("finetune", signal.SIGTERM)])
 def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, capsys, stage, sig):
-    data = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)     # 40 images: 5 steps of 8
+    data = write_cifar(str(tmp_path / "data"), per_batch=6, test=12)     # 30 images: 5 steps of 6
     common = ["--stage", stage, "--dataset", "cifar10", "--data-dir", data, "--epochs", "4",
-              "--warmup-epochs", "1", "--batch-size", "8", "--seed", "3"]
+              "--warmup-epochs", "1", "--batch-size", "6", "--seed", "3"]
     if stage == "finetune":
         common += ["--num-workers", "1"]
+    else:                                   # k-NN and reconstructions at epochs 2 and 4: they must not move any RNG
+        common += ["--save-every", "2"]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     expected, _ = run_main(capsys, *common, "--out", straight)
     rc, stdout, stderr = interrupted_run([*common, "--out", broken], broken, sig)
@@ -721,11 +727,14 @@ def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, capsys, st
     assert a["step"] == b["step"] == 4 * 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [r["epoch"] for r in metrics(broken)][-1] == 4
+    if stage == "pretrain":
+        knn = [[r.get("knn_accuracy") for r in metrics(out)] for out in (straight, broken)]
+        assert knn[0] == knn[1][-4:] and knn[0][1] is not None and knn[0][0] is None
 
 
 def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", out,
                    "--epochs", "1", "--batch-size", "32"]) == 0
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
     printed = capsys.readouterr()
@@ -739,7 +748,7 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:    # epoch 2 logged, then killed unsaved
         f.write(json.dumps(dict(epoch=2, loss=-1.0)) + "\n" + '{"epoch": 3, "lo')
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--batch-size", "32"]) == 0
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--out", out, "--resume", "--epochs", "2", "--batch-size", "32"]) == 0
     printed = capsys.readouterr()
     assert "2 line(s)" in printed.err
     assert "recipe: epochs 2 (warm-up 400), batch 32" in printed.out       # the run's values, --epochs new
@@ -775,7 +784,7 @@ def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(data, tmp_path, mon
     seen, real = [], M.crop_flip_normalize
     monkeypatch.setattr(M, "crop_flip_normalize", lambda images, scale: seen.append(scale) or real(images, scale))
     out = str(tmp_path / "run")
-    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out, "--epochs", "1",
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", out, "--epochs", "1",
                    "--batch-size", "32", "--crop-scale", "0.5", "0.9"]) == 0
     assert set(seen) == {(0.5, 0.9)} and len(seen) == 3                  # 100 images: 3 steps of 32
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["args"]["crop_scale"] == (0.5, 0.9)
@@ -783,13 +792,13 @@ def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(data, tmp_path, mon
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--crop-scale", "0.6", "1"]) == 2
     assert "--crop-scale (0.6, 1.0) conflicts" in capsys.readouterr().err
     seen.clear()
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2"]) == 0
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--out", out, "--resume", "--epochs", "2"]) == 0
     assert set(seen) == {(0.5, 0.9)}
     state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     del state["args"]["crop_scale"]                                     # as the checkpoints of earlier versions
     torch.save(state, os.path.join(out, "checkpoint.pth"))
     seen.clear()
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "3"]) == 0
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--out", out, "--resume", "--epochs", "3"]) == 0
     assert set(seen) == {(0.6, 1.0)}
 
 
@@ -797,7 +806,7 @@ def test_resume_refuses_another_training_set(data, tmp_path, capsys):
     """The position saved (epoch, batch, step) only means something on the same data."""
     out, other = str(tmp_path / "run"), str(tmp_path / "other")
     write_cifar(other, per_batch=40)                                   # 200 images, not 100
-    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", out,
                    "--epochs", "1", "--batch-size", "32"]) == 0
     before = [open(os.path.join(out, f), "rb").read() for f in ("checkpoint.pth", "metrics.jsonl")]
     capsys.readouterr()
@@ -811,14 +820,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     out = str(tmp_path / "run")
     calls, clean = [0], M.mae_loss
 
-    def poisoned(*args):                     # the 8th loss (epoch 2, step 8) becomes NaN
-        calls[0] += 1
+    def poisoned(*args):                     # the 8th training loss (epoch 2, step 8) becomes NaN
+        calls[0] += torch.is_grad_enabled()  # (evaluation's reconstructions call it too)
         loss = clean(*args)
         return loss * float("nan") if calls[0] == 8 else loss
 
     monkeypatch.setattr(M, "mae_loss", poisoned)
     with pytest.raises(SystemExit) as stop:
-        M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+        M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", out,
                 "--epochs", "3", "--batch-size", "16", "--save-every", "1"])
     message = str(stop.value.code)           # a message, so the exit code is 1
     assert "non-finite loss at epoch 2, step 8" in message
@@ -853,13 +862,14 @@ def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(data, tmp
 
     monkeypatch.setattr(torch, "save", second_save_dies_half_way)
     with pytest.raises(SystemExit) as stop:
-        M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", str(out),
+        M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", str(out),
                 "--epochs", "2", "--batch-size", "32", "--save-every", "1"])
     message = str(stop.value.code)                        # a message, so the exit code is 1
     assert message.startswith(f"error: could not write {out / 'checkpoint.pth'} (RuntimeError; ")
-    assert "\n" not in message and sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl"]
+    assert "\n" not in message and sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl", "reconstructions-epoch0001.png",
+                                                               "reconstructions-epoch0002.png", "reconstructions.png"]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
-    log = (out / "metrics.jsonl").read_text()             # epoch 2 was logged before its save failed
+    log, files = (out / "metrics.jsonl").read_text(), sorted(os.listdir(out))   # epoch 2 logged before its save failed
     monkeypatch.setattr(torch, "save", real_save)
 
     def no_space(*args):
@@ -867,10 +877,10 @@ def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(data, tmp
 
     monkeypatch.setattr(os, "replace", no_space)          # resume's rewrite of the log fails
     with pytest.raises(SystemExit) as stop:
-        M.main(["--stage", "pretrain", "--out", str(out), "--resume"])
+        M.main(["--stage", "pretrain", "--knn-every", "0", "--out", str(out), "--resume"])
     assert str(stop.value.code).endswith("metrics.jsonl (No space left on device); stopped, the files "
                                          "written before are unchanged")
-    assert (out / "metrics.jsonl").read_text() == log and sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == log and sorted(os.listdir(out)) == files
     if os.path.exists("/dev/full"):                       # a device that is always full (Linux)
         with pytest.raises(SystemExit) as stop:
             M.append_line("/dev/full", dict(epoch=1))
@@ -882,14 +892,14 @@ def test_out_of_gpu_memory_is_one_line_and_exit_1(data, tmp_path, monkeypatch, c
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(M, "train_step", no_memory)
-    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data,
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data,
                    "--out", str(tmp_path / "run"), "--batch-size", "32"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cpu ran out of memory at batch size 32; a smaller --batch-size")
     assert err.count("\n") == 1 and os.listdir(tmp_path / "run") == []     # free to run again
     # A run with a checkpoint cannot change its batch size: the advice says what can be done.
     monkeypatch.undo()
-    assert M.main(["--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out",
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out",
                    str(tmp_path / "run"), "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0"]) == 0
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     capsys.readouterr()
@@ -915,7 +925,7 @@ def checkpoints(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     pre, ft = str(root / "pre"), str(root / "ft")
     base = ["--dataset", "cifar10", "--data-dir", data, "--epochs", "1", "--batch-size", "32", "--num-workers", "0"]
-    assert M.main(["--stage", "pretrain", "--out", pre, *base]) == 0
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--out", pre, *base]) == 0
     assert M.main(["--stage", "finetune", "--out", ft, *base]) == 0
     pre, ft = os.path.join(pre, "checkpoint.pth"), os.path.join(ft, "checkpoint.pth")
     text = str(root / "notes.txt")
@@ -1117,3 +1127,71 @@ def test_the_readme_python_example_runs(checkpoints, tmp_path, monkeypatch, caps
     assert names["reconstruction"].shape == (8, 3, 36, 36) and names["features"].shape == (8, 192)
     assert names["mask"].sum(1).eq(108).all() and math.isfinite(names["loss"])
     assert "Eq. 1 loss" in capsys.readouterr().out
+
+
+class GreyLookup(nn.Module):
+    """An 'encoder' whose dummy-token output is a hand-made feature, looked up by the grey level of a constant image."""
+    def __init__(self, table):
+        super().__init__()
+        self.table = table                                              # (256, D)
+
+    def forward(self, patches):                                         # (B, 144, 27) of normalized constant images
+        level = ((patches[:, 0, 0] * M.STD + M.MEAN) * 255).round().long()
+        return self.table[level][:, None].expand(-1, 145, -1)
+
+
+def grey(levels):
+    return torch.tensor(levels, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 32, 32).contiguous()
+
+
+def test_knn_accuracy_on_hand_made_features():
+    labels = torch.arange(30) % 3                                       # 3 classes, 10 training images each
+    table = torch.zeros(256, 3)
+    table[:40] = F.one_hot(torch.arange(40) % 3, 3).float()           # grey level g: the one-hot of class g % 3
+    train, test = grey(range(30)), grey(range(30, 39))
+    assert M.knn_accuracy(GreyLookup(table), train, labels, test, torch.arange(30, 39) % 3) == 1.0
+    assert M.knn_accuracy(GreyLookup(table), train, labels, test, torch.arange(30, 39) % 3, k=1000) == 1.0   # k > N
+    # each test image nearest to one training image of another class, far from all others: 0%
+    angles = torch.linspace(0, 3, 30)                                   # 30 directions, 0.1 rad apart
+    table[:30] = torch.stack([angles.cos(), angles.sin(), torch.zeros(30)], 1)
+    near = torch.arange(9) * 3 + torch.arange(9) % 3                    # training images of classes 0, 1, 2, 0, ...
+    table[30:39] = table[near]                                          # test image j is training image near[j]
+    assert M.knn_accuracy(GreyLookup(table), train, labels, test, (labels[near] + 1) % 3, k=1) == 0.0
+    assert M.knn_accuracy(GreyLookup(table), train, labels, test, labels[near], k=1) == 1.0
+    # a tie (one neighbour of class 0, one of class 1, equally similar) goes to the lower class, every time
+    table[:] = 0
+    table[:2, 0] = 1
+    table[2:30, 1] = 1
+    table[30:39, 0] = 1
+    tie_labels = torch.tensor([1, 0] + [2] * 28)
+    assert M.knn_accuracy(GreyLookup(table), train, tie_labels, test, torch.zeros(9, dtype=torch.long), k=2) == 1.0
+    # k larger than a class: 2 images of class 0 at similarity 1 outvote 18 of class 2 at similarity 0
+    small_class = torch.tensor([0, 0] + [2] * 28)
+    assert M.knn_accuracy(GreyLookup(table), train, small_class, test, torch.zeros(9, dtype=torch.long), k=20) == 1.0
+
+
+def test_snapshot_epochs_are_the_checkpoints_nearest_each_tenth():
+    assert M.snapshot_epochs(4000, 20) == {20, *range(400, 4001, 400)}    # Figure 5's epochs 20, ... at the tenths
+    assert M.snapshot_epochs(2, 1) == {1, 2}
+    for epochs, every in ((10, 3), (7, 20), (1000, 7), (55, 5)):
+        kept = M.snapshot_epochs(epochs, every)
+        assert len(kept) <= 11 and epochs in kept and all(e % every == 0 or e == epochs for e in kept)
+
+
+def test_pretraining_logs_knn_accuracy_and_reconstructions_at_checkpoints(tmp_path, capsys):
+    from PIL import Image                    # arrives with torchvision
+    root = write_cifar(str(tmp_path / "data"), per_batch=10, test=20, colours=True)   # 10 separable classes
+    out = str(tmp_path / "pre")
+    s, printed = run_main(capsys, "--stage", "pretrain", "--dataset", "cifar10", "--data-dir", root, "--out", out,
+                          "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "25", "--save-every", "1")
+    rows = metrics(out)
+    assert [r["knn_accuracy"] > 0.5 for r in rows] == [True, True]        # chance is 0.1
+    assert s["knn_accuracy"] == rows[-1]["knn_accuracy"] and "knn accuracy" in printed
+    for name in ("reconstructions.png", "reconstructions-epoch0001.png", "reconstructions-epoch0002.png"):
+        assert Image.open(os.path.join(out, name)).size == (6 * 38 + 2, 4 * 38 + 2)   # 8 triplets, 2 a row
+    ev, _ = run_main(capsys, "--stage", "eval", "--init", os.path.join(out, "checkpoint.pth"), "--out", str(tmp_path / "ev"))
+    assert ev["knn_accuracy"] == s["knn_accuracy"]                         # the same features, the same vote
+    assert open(os.path.join(out, "reconstructions.png"), "rb").read() == open(ev["reconstructions"], "rb").read()
+    s, _ = run_main(capsys, "--stage", "pretrain", "--dataset", "cifar10", "--data-dir", root, "--out",
+                    str(tmp_path / "off"), "--epochs", "1", "--batch-size", "25", "--knn-every", "0")
+    assert s["knn_accuracy"] is None and "knn_accuracy" not in metrics(str(tmp_path / "off"))[0]
