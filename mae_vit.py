@@ -7,9 +7,9 @@ J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets wi
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth
     python mae_vit.py --stage eval --init runs/finetune-cifar10/checkpoint.pth   # or bench: speed
 
-Table 3: 96.41% top-1 on CIFAR-10, 78.27% on CIFAR-100, 3.64 M parameters (3,636,490 here); not yet
-reproduced with this file. `--stage bench` on one NVIDIA H200 (torch 2.11, bf16, compiled): 50.5k
-img/s pre-training, 31.9k fine-tuning, the whole recipe in 1.23 h.
+Table 3: 96.41% top-1 on CIFAR-10 (pre-trained on it), 78.27% on CIFAR-100 (likewise), 3.64 M parameters (3,636,490
+here); not yet reproduced with this file. `--stage bench` at commit a2aed25 on one NVIDIA H200 (torch 2.11, bf16,
+compiled): 50.5k img/s pre-training, 31.9k fine-tuning, the whole recipe projected at 1.23 h.
 """
 import argparse
 import json
@@ -40,17 +40,15 @@ MLP_RATIO, DROPOUT = 2, 0.1                # §3.1: MLP 192 -> 384 -> 192, dropo
 MEAN, STD = 0.5, 0.5                       # Tables 1-2: colour normalization
 PRETRAIN = dict(epochs=4000, warmup_epochs=400, batch_size=1408,   # §3.2, Table 1
                 base_lr=1.5e-4,            # lr = base_lr * batch_size / 256 (Eq. 2)
-                weight_decay=0.05,         # AdamW
-                crop_scale=(0.6, 1.0),     # random resized crop, then flip p = 0.5
-                mask_ratio=0.75, alpha=0.1,   # §2; Eq. 1's discount on the visible patches
+                weight_decay=0.05, crop_scale=(0.6, 1.0),   # AdamW; random resized crop, then flip p = 0.5
+                mask_ratio=0.75, alpha=0.1,   # §2; Eq. 1's discount (§3.2's text says Eq. 2: the numbers swap)
                 layer_decay=1.0)           # not in Table 1: 1.0 is no layer-wise decay
 FINETUNE = dict(epochs=300, warmup_epochs=20, batch_size=768,      # §3.3, Table 2
-                base_lr=1e-3, weight_decay=0.05,
-                crop_scale=(0.8, 1.0),     # after AutoAugment (CIFAR-10 policy); flip p = 0.5
+                base_lr=1e-3, weight_decay=0.05, crop_scale=(0.8, 1.0),   # after AutoAugment (CIFAR-10 policy); flip
                 layer_decay=0.75)          # layer-wise lr decay, after ELECTRA
 EVAL = dict(batch_size=1000)   # a limit: eval takes the largest batch that divides the test set
-# Not in the tables: the data folder, the cosine's floor (§5 suggests ~20% of the peak; the
-# paper used 0), epochs between checkpoints, and the one seed of every run (§3).
+# Not in the tables: the data folder, the cosine's floor (§5 suggests ~20% of the peak; the paper's runs had
+# none), epochs between checkpoints, and the one seed of every run (§3).
 COMMON = dict(data_dir="./data", min_lr=0.0, save_every=20, seed=0)
 RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": EVAL, "bench": {}}
 CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -58,33 +56,33 @@ DATASETS = [*CLASSES, "cifar10+cifar100"]      # the merged set is §5's future 
 
 # ==== Model (§2, §3.1, Figures 1-2) =====================================================
 def patchify(images):
-    """(B, 3, 36, 36) -> (B, 144, 27): 3x3 patches in row-major order, each channel first."""
+    """(B, 3, 36, 36) -> (B, 144, 27): 3x3 patches in row-major order, each flattened as (channel, row, column)."""
     B, C, H, W = images.shape
     x = images.reshape(B, C, H // PATCH, PATCH, W // PATCH, PATCH)       # (B, 3, 12, 3, 12, 3)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * PATCH * PATCH)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * PATCH * PATCH)  # (B, 12, 12, 3, 3, 3) -> (B, 144, 27)
 
 def unpatchify(patches):
-    """(B, 144, 27) -> (B, 3, 36, 36), the inverse (§2.3 reshapes the output so): F.fold lays each patch back."""
+    """(B, 144, 27) -> (B, 3, 36, 36), patchify's inverse, as §2.3 reshapes the output into the image (F.fold)."""
     return F.fold(patches.transpose(1, 2), IMAGE_SIZE, PATCH, stride=PATCH)
 
 class Block(nn.Module):
     """One transformer layer (§3.1): self-attention, then an MLP 192 -> 384 -> 192 with ReLU;
-    every linear layer in it has a bias. Pre-norm is a choice (the paper does not place the
-    LayerNorms): ViT and MAE put one before each sublayer, and §2.1 follows ViT."""
+    every linear layer in it has a bias. Pre-norm is a choice (the paper does not place the LayerNorms): ViT and
+    MAE put one before each sublayer, and the LayerNorm that ends the encoder (§2.1) is what such a stack needs."""
     def __init__(self, dim=DIM, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=DROPOUT):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm2, self.fc1 = nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
-        nn.init.xavier_uniform_(self.qkv.weight)    # §3.1's PyTorch defaults: for attention,
-        nn.init.zeros_(self.qkv.bias)               # nn.MultiheadAttention's
+        nn.init.xavier_uniform_(self.qkv.weight)    # §3.1: PyTorch's defaults; for attention, assumed to be
+        nn.init.zeros_(self.qkv.bias)               # nn.MultiheadAttention's (the paper's 0.26 G MACs point to it)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):                                            # (B, N, 192)
         B, N, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # q, k, v: (B, 3, N, 64)
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each
+        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))   # (B, heads, N, 64); x: (B, N, 192)
         # §3.1: dropout "to the output of these [two linear] layers": after the first one's ReLU
         # and after the second. None on attention, which the paper does not name.
         h = F.dropout(F.relu(self.fc1(self.norm2(x))), self.dropout, self.training)   # (B, N, 384)
@@ -92,8 +90,9 @@ class Block(nn.Module):
 
 def random_masking(noise, mask_ratio):
     """§2: mask `mask_ratio` of each image's 144 patches, uniformly, without replacement: those with the smallest
-    (B, 144) uniform `noise` stay visible; the dummy never is masked. Returns keep (B, 36 + 1), the tokens the encoder
-    sees, the dummy (144) last; restore (B, 144) puts [visible, masked] back in order; mask (B, 144), 1 = masked."""
+    (B, 144) uniform `noise` stay visible. The dummy, the classification token, is never masked (a choice). Returns
+    keep (B, 37): the tokens the encoder sees, the dummy's index 144 last; restore (B, 144): puts [visible, masked]
+    back in image order; mask (B, 144): 1 = masked."""
     num_keep = int(NUM_PATCHES * (1 - mask_ratio))                   # 36 for 0.75
     shuffle = noise.argsort(1)                                       # a random permutation
     restore = shuffle.argsort(1)
@@ -122,9 +121,9 @@ class Encoder(nn.Module):
         return self.proj(self.norm(self.blocks(x)))                  # (B, 37 or 145, 192)
 
 class Decoder(nn.Module):
-    """§2.2: the encoded visible tokens and one shared learnable mask token at each masked
-    position, in image order, + the decoder's own 145 positions; 4 blocks (dropout on, as in
-    every transformer layer of §3.1); LayerNorm; bias-free projection to 27 pixels (§2.3)."""
+    """§2.2: the encoded visible tokens and one shared learnable mask token at each masked position, in image order,
+    + its own 145 positions; 4 blocks (with dropout, as every layer of §3.1); LayerNorm; bias-free projection to a
+    patch's 27 pixels (§2.3)."""
     def __init__(self, depth=DECODER_DEPTH):
         super().__init__()
         self.mask_token = nn.Parameter(torch.randn(DIM))             # N(0, 1), as the positions
@@ -171,9 +170,10 @@ def count_parameters(model):
 
 # ==== Loss (Eq. 1) and schedules: Eq. 2, warm-up + cosine (§3.2, §3.3), layer-wise decay (§3.3) ===========
 def mae_loss(pred, target, mask, alpha):
-    """Eq. 1: MSE_masked_patches + alpha * MSE_unmasked_patches on normalized pixels; pred, target (B, 144, 27), mask
-    (B, 144), 1 = masked. At initialization the decoder's outputs have a mean square of 1/3 (LayerNorm, then 192 weights
-    of variance 1 / 576), so the loss starts near (1 + alpha)(1/3 + mean target^2): 0.65 on CIFAR-10 (Fig. 3: 0.63)."""
+    """Eq. 1: MSE_masked_patches + alpha * MSE_unmasked_patches, on pixels normalized as in Tables 1-2 (not per patch,
+    as MAE can); pred, target (B, 144, 27), mask (B, 144), 1 = masked. At initialization the decoder's outputs have a
+    mean square of 1/3 (LayerNorm, then 192 weights of variance 1 / 576), so the loss starts near (1 + alpha)(1/3 + mean
+    target^2): 0.65 on CIFAR-10 (Fig. 3: 0.63)."""
     per_patch = ((pred.float() - target) ** 2).mean(-1)             # (B, 144)
     mse_masked = (per_patch * mask).sum() / mask.sum()
     mse_unmasked = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
@@ -183,8 +183,8 @@ def peak_lr(base_lr, batch_size):
     return base_lr * batch_size / 256                                # Eq. 2, the linear scaling rule
 
 def learning_rate(step, peak, warmup_steps, total_steps, min_lr=0.0):
-    """A pure function of the iteration. Phase 1: linear warm-up from 0 to `peak`. Phase 2:
-    cosine decay from `peak` to `min_lr` at `total_steps`."""
+    """A pure function of the iteration (a choice: the paper counts epochs). Phase 1: linear warm-up from 0 to `peak`.
+    Phase 2: cosine decay from `peak` to `min_lr` at `total_steps`."""
     if step < warmup_steps:
         return peak * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -264,7 +264,7 @@ def crop_resize(images, top, left, h, w, flip, size=IMAGE_SIZE):
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 def crop_flip_normalize(images, scale):
-    """On the device: a random resized crop of `scale` (Tables 1-2), 32 -> 36 in one interpolation, flip, normalize."""
+    """On the device: a random resized crop of `scale` (Tables 1-2), 32 -> 36 in one interpolation (a choice), flip."""
     return normalize(crop_resize(images, *crop_boxes(len(images), *images.shape[2:], scale, device=images.device)))
 
 def resize_test(images):                         # test images: a plain bilinear 32 -> 36, no augmentation
@@ -306,7 +306,7 @@ def autocast(args):                       # bf16 where --amp is on; weights, Ada
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
 
 def train_step(opt, step_loss, batch, lr, args):
-    """One AdamW step at `lr` (a float: a new value never recompiles); the loss stays on the device."""
+    """One AdamW step at learning rate `lr`; the loss is returned still on the device (no host sync)."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     with autocast(args):
@@ -358,10 +358,9 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
         opt.load_state_dict(resume["optimizer"])
         epoch, start = resume["epoch"], resume["batch"]
         torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and resume["rng_cuda"]:
-            torch.cuda.set_rng_state_all(resume["rng_cuda"])
+        torch.cuda.set_rng_state_all(resume["rng_cuda"])       # [] on the CPU; applied lazily, only if CUDA runs
 
-    def save(epoch, batch):                      # all that an exact resume needs; after a signal, exit
+    def save(epoch, batch):                      # all an exact resume needs; after a signal (`stop`, below), exit
         state = dict(stage=args.stage, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, batch=batch,
                      step=epoch * steps + batch, args=vars(args), rng_cpu=torch.get_rng_state(),
                      rng_cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
@@ -393,7 +392,8 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
             if done < steps:                                         # a signal, mid-epoch
                 save(epoch, done)
             seconds = time.time() - t0
-            ips, start = (done - start) * args.batch_size / seconds, 0   # training only, no eval
+            ips = (done - start) * args.batch_size / seconds              # training only, no eval
+            start = 0
             metrics = evaluate(epoch + 1)                            # on the test split: {"accuracy": ...}
             row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "accuracy": None, **metrics}
             model.train()
@@ -423,7 +423,7 @@ def accuracy_on(model, images, labels, args):
     return int((predicted == labels).sum()) / len(images)
 
 @torch.no_grad()
-def save_reconstructions(mae, images, noise, path, args):
+def save_reconstructions(mae, images, noise, paths, args):
     """Figure 4: original | masked (grey) | reconstruction (the decoder's whole output), two triplets a row."""
     mae.eval()
     x = normalize(resize_test(images))
@@ -431,7 +431,8 @@ def save_reconstructions(mae, images, noise, path, args):
         _, pred, mask = mae(x, noise)
     masked = unpatchify(patchify(x) * (1 - mask[:, :, None]))              # masked -> 0: grey
     triplets = torch.stack([x, masked, unpatchify(pred.float())], 1).flatten(0, 1) * STD + MEAN
-    replace_file(path, lambda tmp: torchvision.utils.save_image(triplets, tmp, format="png", nrow=6, padding=2))
+    for path in paths:
+        replace_file(path, lambda tmp: torchvision.utils.save_image(triplets, tmp, format="png", nrow=6, padding=2))
 
 @torch.no_grad()
 def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, k=20, limit=1000):
@@ -443,14 +444,15 @@ def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, 
                                 for _, x in test_batches(images, limit)]) for images in (train_images, test_images))
     correct, classes = 0, int(train_labels.max()) + 1
     for i in range(0, len(queries), limit):      # a batch of test images at a time: never all of (test x train)
-        similarity, nearest = (queries[i:i + limit] @ bank.T).float().topk(min(k, len(bank)), dim=1)  # (b, k)
+        with torch.autocast(bank.device.type, enabled=False):            # similarities in fp32, as the features
+            similarity, nearest = (queries[i:i + limit] @ bank.T).topk(min(k, len(bank)), dim=1)      # (b, k)
         votes = torch.zeros(len(nearest), classes, device=bank.device).scatter_add_(                  # (b, classes)
             1, train_labels[nearest], (similarity / 0.07).exp())
         correct += int((votes.argmax(1) == test_labels[i:i + limit]).sum())   # a tie goes to the lower class
     return correct / len(test_images)
 
 def snapshot_epochs(epochs, save_every):
-    """The checkpoints nearest each tenth of a run: their reconstructions are kept (Figure 5: epochs 20, 1020...)."""
+    """The checkpoints nearest each tenth of a run, whose reconstructions are kept (Figure 5 shows 20, 1020, ...)."""
     saved = sorted({*range(save_every, epochs + 1, save_every), epochs})
     return {min(saved, key=lambda c: abs(c - j * epochs / 10)) for j in range(11)}
 
@@ -530,10 +532,10 @@ def pretrain(args, resume):
     noise = torch.rand(8, NUM_PATCHES, generator=torch.Generator().manual_seed(args.seed)).to(device)  # as eval's
 
     def evaluate(epoch):                         # no random draw: resuming stays exact
-        if epoch % args.save_every == 0 or epoch == args.epochs:     # Figure 4's picture; Figure 5's at the tenths
-            kept = epoch in snapshot_epochs(args.epochs, args.save_every)
-            for name in ["reconstructions.png"] + [f"reconstructions-epoch{epoch:04d}.png"] * kept:
-                save_reconstructions(model, knn[2][:8], noise, os.path.join(args.out, name), args)
+        if epoch % args.save_every == 0 or epoch == args.epochs:     # Figure 4: 8 test images (knn[2]), fixed masks
+            copy = epoch in snapshot_epochs(args.epochs, args.save_every)        # a copy at the tenths: Figure 5
+            names = ["reconstructions.png"] + ([f"reconstructions-epoch{epoch:04d}.png"] if copy else [])
+            save_reconstructions(model, knn[2][:8], noise, [os.path.join(args.out, n) for n in names], args)
         if args.knn_every and (epoch % args.knn_every == 0 or epoch == args.epochs):
             with autocast(args):
                 return dict(knn_accuracy=knn_accuracy(encoder, *knn, limit=args.batch_size))
@@ -544,9 +546,8 @@ def pretrain(args, resume):
         return (images[order[b * args.batch_size:(b + 1) * args.batch_size]] for b in range(start, steps))
     step_loss = lambda x: compiled(crop_flip_normalize(x, args.crop_scale))[0]
     loss = train(args, model, step_loss, batches, steps, resume, evaluate)
-    knn_log = [row["knn_accuracy"] for row in map(json.loads, open(os.path.join(args.out, "metrics.jsonl")))
-               if row.get("knn_accuracy") is not None]
-    return dict(final_loss=loss, knn_accuracy=knn_log[-1] if knn_log else None)
+    logged = [row.get("knn_accuracy") for row in map(json.loads, open(os.path.join(args.out, "metrics.jsonl")))]
+    return dict(final_loss=loss, knn_accuracy=next((a for a in reversed(logged) if a is not None), None))  # the last
 
 def finetune(args, resume):
     """§3.3, Table 2: the encoder (pre-trained, from --init; else from scratch) + a linear head."""
@@ -559,15 +560,15 @@ def finetune(args, resume):
     steps = prepare_out(args, resume, len(images))
     model, test_images, test_labels = model.to(device), test_images.to(device), test_labels.to(device)
     compiled = maybe_compile(model, args)
-    first = (resume["epoch"], resume["batch"]) if resume else (0, 0)
+    first = (resume["epoch"], resume["batch"]) if resume else (0, 0)     # where the run's one loader pass begins
     order = run_batches(len(images), args.batch_size, args.seed, args.epochs, first)
-    stream = iter(autoaugment_loader(images, labels, order, args.num_workers, device.type == "cuda"))  # one pass
+    stream = iter(autoaugment_loader(images, labels, order, args.num_workers, device.type == "cuda"))
     batches = lambda epoch, start: ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                                     for x, y in (next(stream) for _ in range(start, steps)))
     step_loss = lambda b: F.cross_entropy(compiled(crop_flip_normalize(b[0], args.crop_scale)), b[1])
     loss = train(args, model, step_loss, batches, steps, resume,
                  lambda epoch: dict(accuracy=accuracy_on(compiled, test_images, test_labels, args)))
-    # §4.2: CIFAR-100 overfits after ~50 epochs, so the best epoch too, read from the run's whole log
+    # §4.2: CIFAR-100 overfits after ~50 epochs, so report the best epoch too, from the run's whole log
     rows = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
     best = max(rows, key=lambda row: row["accuracy"])
     print(f"best test accuracy {100 * best['accuracy']:.2f}% at epoch {best['epoch']} (chosen on the test split, so "
@@ -595,17 +596,17 @@ def evaluate_stage(args, ckpt):
         with torch.no_grad(), autocast(args):
             losses = [float(compiled.eval()(x, noise[i:i + len(x)])[0]) * len(x)
                       for i, x in test_batches(images, args.batch_size)]
-            knn = knn_accuracy(maybe_compile(model.encoder, args), *knn, limit=args.batch_size)
-        result.update(test_loss=sum(losses) / len(images), knn_accuracy=knn,
+            knn_acc = knn_accuracy(maybe_compile(model.encoder, args), *knn, limit=args.batch_size)
+        result.update(test_loss=sum(losses) / len(images), knn_accuracy=knn_acc,
                       reconstructions=os.path.join(args.out, "reconstructions.png"))
-        print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}, k-NN accuracy {knn:.2%}")
-        save_reconstructions(model, images[:8], noise[:8], result["reconstructions"], args)
+        print(f"test reconstruction loss (Eq. 1): {result['test_loss']:.4f}, k-NN accuracy {knn_acc:.2%}")
+        save_reconstructions(model, images[:8], noise[:8], [result["reconstructions"]], args)
     append_line(os.path.join(args.out, "metrics.jsonl"), result)
     return result
 
 # ==== Speed only: attention kernels and --stage bench; the math is the same (a GPU test checks the kernels)
-# FlexAttention's tiles at 145 tokens (forward 64 queries x 32 keys, then the backward pass's two loops), each the
-# fastest measured on an H200 with torch 2.11, from which it is used; flash's 128-query tiles would pad 145 to 256.
+# FlexAttention (from torch 2.11) at 145 tokens, with the tiles measured fastest on an H200 (forward 64 queries x 32
+# keys, then the backward pass's two loops); flash attention's 128-query tiles would pad 145 tokens to 256.
 FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
 if torch.__version__ >= "2.11":          # a TorchVersion: compared as a version, not as text
     from torch.nn.attention.flex_attention import flex_attention
@@ -674,7 +675,7 @@ def bench(args, _):
     loader_ips = fine_bs / seconds(lambda: next(loaded), skipped, counted)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         stages["finetune"][0](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
-    fine_ips = min(ips["finetune"], loader_ips)       # the two run side by side. MACs: the paper's 0.26 G is thop's
+    fine_ips = min(ips["finetune"], loader_ips)       # the two run side by side
     return dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, compile=args.compile,
                 amp=args.amp, parameters=count_parameters(stages["finetune"][0]),
                 macs_per_image=counter.get_total_flops() / 2, pretrain_batch=pre_bs, finetune_batch=fine_bs,
@@ -753,7 +754,7 @@ def resolve(args):
         for key in [k for k in RUN_ARGS if k in saved]:              # (older runs saved no crop_scale)
             if getattr(args, key) not in (None, saved[key]):
                 raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} "
-                                 f"(started with {saved[key]}); only --epochs may change on --resume")
+                                 f"(started with {saved[key]}); only --epochs, --save-every, --knn-every may change")
             setattr(args, key, saved[key])
         for key in ("epochs", "data_dir", "save_every", "knn_every"):         # may change; else the run's own
             setattr(args, key, saved.get(key) if getattr(args, key) is None else getattr(args, key))
@@ -805,8 +806,8 @@ def prepare_out(args, resume, num_images=None):
     taken = [f for f in ("checkpoint.pth", "metrics.jsonl") if os.path.exists(os.path.join(args.out, f))]
     if taken and not resume:
         raise UsageError(f"--out {args.out} already holds a run ({', '.join(taken)}); " + (
-            "use --resume to continue it or choose another --out" if "checkpoint.pth" in taken and args.stage != "eval"
-            else "it has no checkpoint to resume, so choose another --out"))
+            "choose another --out" if args.stage == "eval" else "use --resume to continue it or choose another --out"
+            if "checkpoint.pth" in taken else "it has no checkpoint to resume, so choose another --out"))
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -842,8 +843,7 @@ def main(argv=None):
         return 1
     paths = args.out and dict(out=args.out, metrics=os.path.join(args.out, "metrics.jsonl"), checkpoint=os.path.join(
         args.out, "checkpoint.pth") if args.stage in ("pretrain", "finetune") else None)
-    print(json.dumps(dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result, **(paths or {}))),
-          flush=True)
+    print(json.dumps(dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result, **(paths or {}))))
     return 0
 
 if __name__ == "__main__":

@@ -535,8 +535,9 @@ def test_compiled_steps_do_not_recompile():
 
 
 # ---------------------------------------------------------------- the command line, end to end
-def test_pretrain_finetune_eval_end_to_end(data, tmp_path, capsys):
+def test_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
     """The first step through the real command line in a new interpreter; the rest in this process."""
+    data = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)     # 40 images: 2 steps of 16
     pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
     r = run_cli("--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", pre, *TINY)
     assert "parameters: 4,856,256" in r.stdout
@@ -576,15 +577,15 @@ def test_pretrain_finetune_eval_end_to_end(data, tmp_path, capsys):
 
 
 def test_cross_dataset_and_merged_pretraining(tmp_path, capsys):
-    root = write_cifar(str(tmp_path / "data"))
-    write_cifar(root, "cifar100", per_batch=20, test=40)
+    root = write_cifar(str(tmp_path / "data"), per_batch=8, test=16)   # 40 images
+    write_cifar(root, "cifar100", per_batch=4, test=16)                   # 20 images
     pre = str(tmp_path / "pre")
     s, _ = run_main(capsys, "--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10+cifar100", "--data-dir", root,
-                    "--out", pre, "--epochs", "1", "--batch-size", "64")
+                    "--out", pre, "--epochs", "1", "--batch-size", "30")
     assert s["dataset"] == "cifar10+cifar100"
     _, out = run_main(capsys, "--stage", "finetune", "--dataset", "cifar100", "--data-dir", root,
                       "--out", str(tmp_path / "ft"), "--init", os.path.join(pre, "checkpoint.pth"),
-                      "--epochs", "1", "--batch-size", "50", "--num-workers", "0")
+                      "--epochs", "1", "--batch-size", "10", "--num-workers", "0")
     assert "parameters: 3,653,860" in out
 
 
@@ -836,10 +837,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     assert not os.path.exists(os.path.join(out, "checkpoint.pth.tmp"))
 
 
-def test_diverging_run_exits_1_with_one_line(data, tmp_path):
-    out = tmp_path / "run"
+def test_diverging_run_exits_1_with_one_line(tmp_path):
+    out, data = tmp_path / "run", write_cifar(str(tmp_path / "data"), per_batch=4, test=8)    # 20 images
     r = run_cli("--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", str(out),
-                "--epochs", "2", "--batch-size", "25", "--warmup-epochs", "0", "--base-lr", "1e30", check=False)
+                "--epochs", "2", "--batch-size", "10", "--warmup-epochs", "0", "--base-lr", "1e30", check=False)
     assert r.returncode == 1
     assert r.stderr.startswith("error: non-finite loss at epoch 1, step ") and r.stderr.count("\n") == 1
     assert not (out / "checkpoint.pth").exists()
