@@ -779,15 +779,15 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert (mid / "metrics.jsonl").read_text() == log
 
 
-def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(data, tmp_path, monkeypatch, capsys):
+def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(tmp_path, monkeypatch, capsys):
     """--crop-scale reaches the augmentation; a run keeps it on --resume; a checkpoint written before the flag
     existed (no crop_scale in its arguments) resumes with the table's value."""
     seen, real = [], M.crop_flip_normalize
     monkeypatch.setattr(M, "crop_flip_normalize", lambda images, scale: seen.append(scale) or real(images, scale))
-    out = str(tmp_path / "run")
-    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", out, "--epochs", "1",
-                   "--batch-size", "32", "--crop-scale", "0.5", "0.9"]) == 0
-    assert set(seen) == {(0.5, 0.9)} and len(seen) == 3                  # 100 images: 3 steps of 32
+    out, data = str(tmp_path / "run"), write_cifar(str(tmp_path / "data"), per_batch=5, test=8)   # 25 images
+    assert M.main(["--stage", "pretrain", "--knn-every", "0", "--dataset", "cifar10", "--data-dir", data, "--out", out,
+                   "--epochs", "1", "--batch-size", "8", "--crop-scale", "0.5", "0.9"]) == 0
+    assert set(seen) == {(0.5, 0.9)} and len(seen) == 3                  # 25 images: 3 steps of 8
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["args"]["crop_scale"] == (0.5, 0.9)
     capsys.readouterr()
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--crop-scale", "0.6", "1"]) == 2
@@ -1053,8 +1053,10 @@ def test_bad_input_from_the_shell_has_no_traceback(checkpoints, data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_of_a_pretrain_checkpoint_reads_mask_ratio_and_alpha(checkpoints, data, tmp_path):
+def test_eval_of_a_pretrain_checkpoint_reads_mask_ratio_and_alpha(checkpoints, tmp_path):
     """The flags eval refuses for a classifier are the ones it uses for a pre-trained MAE."""
+    data = write_cifar(str(tmp_path / "data"), per_batch=4, test=16)     # a small set: eval runs four times
+
     def eval_loss(*flags):
         out = str(tmp_path / f"ev{len(os.listdir(tmp_path))}")
         assert M.main(["--stage", "eval", "--init", checkpoints["pre"], "--data-dir", data, "--out", out, *flags]) == 0
