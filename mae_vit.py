@@ -1,7 +1,7 @@
 """Masked-autoencoder pre-training of a lightweight ViT on CIFAR, in one file.
 
 J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets with Minimally Scaled Images", 2024
-(arXiv:2402.03752), in its order: Tables 1-2, model, Eq. 1, schedules, data; then loop, evaluation, stages, CLI.
+(arXiv:2402.03752). In the paper's order: Tables 1-2, model, Eq. 1, schedules, data; then loop, evaluation, CLI.
 
     python mae_vit.py --stage pretrain --dataset cifar10                    # §3.2, Table 1
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth   # §3.3, Table 2
@@ -45,7 +45,7 @@ PRETRAIN = dict(epochs=4000, warmup_epochs=400, batch_size=1408,   # §3.2, Tabl
                 base_lr=1.5e-4,            # lr = base_lr * batch_size / 256 (Eq. 2)
                 weight_decay=0.05, crop_scale=(0.6, 1.0),   # AdamW; random resized crop, then flip p = 0.5
                 mask_ratio=0.75, alpha=0.1,   # §2: 75% of the patches masked; Eq. 1's discount of the visible ones
-                layer_decay=1.0)           # not in Table 1: 1.0 is no layer-wise decay (one optimizer for both)
+                layer_decay=1.0)           # not in Table 1: 1.0, no layer-wise decay (one make_optimizer for both)
 FINETUNE = dict(epochs=300, warmup_epochs=20, batch_size=768,      # §3.3, Table 2
                 base_lr=1e-3, weight_decay=0.05, crop_scale=(0.8, 1.0),   # AutoAugment (CIFAR-10 policy), crop, flip
                 layer_decay=0.75)          # layer-wise lr decay, after ELECTRA [17]
@@ -53,7 +53,7 @@ FINETUNE = dict(epochs=300, warmup_epochs=20, batch_size=768,      # §3.3, Tabl
 # Not in the tables: the data folder, the cosine's floor (§5 suggests ~20% of the peak; the paper's runs had none),
 # epochs between checkpoints (Figure 5's epochs 20, 1020, ... are multiples of 20), the one seed of every run (§3).
 COMMON = dict(data_dir="./data", min_lr=0.0, save_every=20, seed=0)
-RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": dict(batch_size=1000), "bench": {}}   # eval: a limit
+RECIPES = {"pretrain": PRETRAIN, "finetune": FINETUNE, "eval": dict(batch_size=1000), "bench": {}}   # eval: max batch
 CLASSES, DATASETS = {"cifar10": 10, "cifar100": 100}, ["cifar10", "cifar100", "cifar10+cifar100"]   # merged: §5
 
 # ==== The model: §2, §3.1, Figures 1-2 ================================================================================
@@ -77,9 +77,9 @@ class Block(nn.Module):
         self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm2, self.fc1 = nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
-        nn.init.xavier_uniform_(self.qkv.weight)    # §3.1 "PyTorch's defaults": for attention nn.MultiheadAttention's;
-        nn.init.zeros_(self.qkv.bias)               # a MAC counter that skips that module gives the paper's 0.26 G,
-        nn.init.zeros_(self.proj.bias)              # not the true 0.62 G
+        nn.init.xavier_uniform_(self.qkv.weight)    # §3.1's PyTorch defaults, as nn.MultiheadAttention sets them: the
+        nn.init.zeros_(self.qkv.bias)               # paper's module, as Table 3's 0.26 G MACs show (MAC counters skip
+        nn.init.zeros_(self.proj.bias)              # it; all layers count 0.62 G); proj.weight keeps nn.Linear's
 
     def forward(self, x):                                            # (B, N, 192)
         B, N, D = x.shape
@@ -106,7 +106,7 @@ class Encoder(nn.Module):
     bias-free projection; it sees the kept patches and the dummy (pre-training) or all 145."""
     def __init__(self, depth=ENCODER_DEPTH):
         super().__init__()
-        self.patch_embed = nn.Linear(PATCH_DIM, DIM, bias=False)     # §3.1: no bias outside the layers
+        self.patch_embed = nn.Linear(PATCH_DIM, DIM, bias=False)     # §3.1: no bias outside transformer layers
         self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))  # §2.1: learnable; N(0, 1), nn.Embedding's
         self.blocks = nn.Sequential(*(Block() for _ in range(depth)))
         self.norm, self.proj = nn.LayerNorm(DIM), nn.Linear(DIM, DIM, bias=False)
@@ -241,8 +241,8 @@ def crop_boxes(batch, H, W, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     log_ratio = torch.empty(batch, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     w, h = (area * log_ratio.exp()).sqrt().round(), (area / log_ratio.exp()).sqrt().round()   # (B, 10)
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first, none = fits.int().argmax(1, keepdim=True), ~fits.any(1)   # the first try that fits; if none fits,
-    w, h = torch.where(none, W, w.gather(1, first)[:, 0]), torch.where(none, H, h.gather(1, first)[:, 0])  # all
+    first, none = fits.int().argmax(1, keepdim=True), ~fits.any(1)   # the first try that fits; where none fits, the
+    w, h = torch.where(none, W, w.gather(1, first)[:, 0]), torch.where(none, H, h.gather(1, first)[:, 0])  # whole image
     top = (torch.rand(batch, device=device) * (H - h + 1)).floor()   # randint(0, H - h + 1)
     left = (torch.rand(batch, device=device) * (W - w + 1)).floor()
     return top, left, h, w, torch.rand(batch, device=device) < 0.5
@@ -401,7 +401,7 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
                    else f"ETA {datetime.timedelta(seconds=int(left * per_epoch))}")
             shown = "".join(f" | {key.replace('_', ' ')} {100 * value:.2f}%" for key, value in metrics.items())
             append_line(os.path.join(args.out, "metrics.jsonl"), {"epoch": epoch + 1, "loss": loss, "lr": lr,
-                        "accuracy": None, **metrics, "images_per_s": images_per_s, "seconds": seconds})
+                        "accuracy": None, **metrics, "images_per_s": images_per_s, "seconds": seconds})  # in every row
             print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | lr {lr:.2e}{shown} | {images_per_s:,.0f} img/s "
                   f"| {seconds:.1f} s | {eta}", flush=True)
             if stop.requested or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
@@ -412,7 +412,7 @@ def train(args, model, step_loss, batches, steps, resume, evaluate=lambda epoch:
 
 # ==== Evaluation: top-1 accuracy (Table 3), reconstructions (Figures 4-5), k-NN accuracy (not in the paper) ===========
 def eval_batches(images, limit):
-    """(start, batch) of uint8 images resized and normalized, in batches of the largest size <= limit dividing N."""
+    """(start, batch): uint8 images resized, normalized, in batches of the largest divisor of N <= limit (one shape)."""
     bs = max(d for d in range(1, min(len(images), limit) + 1) if len(images) % d == 0)
     return ((i, normalize(resize_test(images[i:i + bs]))) for i in range(0, len(images), bs))
 
@@ -439,8 +439,8 @@ def save_reconstructions(mae, images, noise, paths, args):
 @torch.no_grad()
 def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, k=20, temperature=0.07, limit=1000):
     """Not in the paper (its one signal in pre-training is the loss): the frozen encoder's top-1 accuracy by Wu et
-    al.'s weighted k-NN (2018), as in DINO. Feature: the L2-normalized output at the dummy token (the head's input) for
-    all 145 tokens of an unaugmented image; a test image's k most similar training images vote exp(cosine / T)."""
+    al.'s weighted k-NN (2018), as in DINO. Feature: the L2-normalized encoder output at the dummy token (the head's
+    input) of an unaugmented, unmasked image; a test image's k most similar training images vote exp(cosine / T)."""
     encoder.eval()                               # bank: the training images' features, queries: the test images'
     bank, queries = (torch.cat([F.normalize(encoder(patchify(x))[:, -1].float(), dim=1)              # (N, 192)
                                 for _, x in eval_batches(images, limit)]) for images in (train_images, test_images))
@@ -531,7 +531,7 @@ def pretrain(args, resume):
     steps = prepare_out(args, resume, len(images))
     images, knn, model = images.to(device), [t.to(device) for t in knn], MAE(args.mask_ratio, args.alpha).to(device)
     compiled, encoder = maybe_compile(model, args), maybe_compile(model.encoder, args)   # training; k-NN
-    noise = torch.rand(8, NUM_PATCHES, generator=torch.Generator().manual_seed(args.seed)).to(device)   # as eval's
+    noise = torch.rand(8, NUM_PATCHES, generator=torch.Generator().manual_seed(args.seed)).to(device)  # eval's first 8
 
     def evaluate(epoch):                 # at checkpoints; it draws no random number, so a resumed run stays exact
         if epoch % args.save_every == 0 or epoch == args.epochs:
@@ -696,7 +696,7 @@ def finite(text):                      # argparse type of the real-valued flags:
 POSITIVE = (lambda v: v > 0, "{f} must be positive, got {v}")
 NOT_NEGATIVE = (lambda v: v >= 0, "{f} must not be negative, got {v}")
 NOT_EMPTY = (lambda v: v != "", "{f} is empty")               # e.g. --init "$CKPT" with CKPT unset
-# Stages p(retrain), f(inetune), e(val), b(ench): a flag given to a stage that never reads it is refused, not ignored.
+# Stages p(retrain), f(inetune), e(val), b(ench): a recipe flag a stage never reads is refused, not silently ignored.
 FLAGS = [  # flag, argparse keywords (the defaults of the recipes are added to the help), check, stages that read it
     ("--stage", dict(required=True, choices=list(RECIPES), help="pretrain: Table 1, finetune: Table 2"), None, None),
     ("--dataset", dict(choices=DATASETS, help="cifar10+cifar100: §5's merged pre-training"), None, "pfe"),
@@ -734,7 +734,7 @@ def parse_args(argv=None):
         defaults = ", ".join(f"{stage} {r[key]}".strip() for stage, r in {**RECIPES, "": COMMON}.items() if key in r)
         p.add_argument(name, **dict(keywords, help=keywords["help"] + (f" (default: {defaults})" if defaults else "")))
     args = p.parse_args(argv)
-    args.crop_scale = args.crop_scale and tuple(args.crop_scale)   # as a run saves it
+    args.crop_scale = args.crop_scale and tuple(args.crop_scale)   # a tuple: --resume compares it with the run's
     return args
 
 def resolve(args):
@@ -756,14 +756,14 @@ def resolve(args):
         kept = (*RUN_ARGS, "epochs", "data_dir", "save_every", "knn_every")   # fixed, and those that may change
         run = {k: v for k, v in checkpoint["args"].items() if k in kept}       # (older runs saved no crop_scale)
         for key in [k for k in RUN_ARGS if k in run and getattr(args, k) not in (None, run[k])]:   # changed: refused
-            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} "
-                             f"(started with {run[key]}); only --epochs, --save-every, --knn-every may change")
-    elif checkpoint:                             # eval: the run's data, and an MAE's Eq. 1
-        run = {k: v for k, v in checkpoint["args"].items() if k in ("dataset", "data_dir", "mask_ratio", "alpha")}
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in {args.out} ("
+                             f"{run[key]}); on --resume, only --epochs, --save-every, --knn-every, --data-dir change")
+    elif checkpoint:                             # eval: the run's data and seed (its masks), and an MAE's Eq. 1
+        run = {k: v for k, v in checkpoint["args"].items() if k in "dataset data_dir seed mask_ratio alpha".split()}
     for key, value in {**COMMON, **RECIPES[args.stage], **run}.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.knn_every = args.save_every if args.knn_every is None else args.knn_every
-    if args.resume and args.epochs == checkpoint["epoch"]:
+    if args.resume and args.epochs == checkpoint["epoch"] and not checkpoint["batch"]:
         note(f"the run in {args.out} has done all its {args.epochs} epochs; nothing to train (a larger --epochs "
              f"extends it)")
     if args.out is None and args.stage != "bench":

@@ -798,7 +798,8 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     mid.mkdir()
     torch.save(state, mid / "checkpoint.pth")
     assert M.main(["--stage", "pretrain", "--out", str(mid), "--resume", "--epochs", "1"]) == 2
-    assert "fewer than the 2 already begun" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fewer than the 2 already begun" in err and "nothing to train" not in err   # not both: one line
     log = '{"epoch": 1, "loss": 0.5}\nedited by hand\n'     # a damaged log: refused, kept as it is
     (mid / "metrics.jsonl").write_text(log)
     assert M.main(["--stage", "pretrain", "--out", str(mid), "--resume", "--epochs", "3"]) == 2
@@ -1095,6 +1096,19 @@ def test_eval_of_a_pretrain_checkpoint_reads_mask_ratio_and_alpha(checkpoints, t
     assert eval_loss("--alpha", "0.1", "--mask-ratio", "0.75") == pytest.approx(default)   # the run's own values
     assert eval_loss("--alpha", "0") != pytest.approx(default)
     assert eval_loss("--mask-ratio", "0.5") != pytest.approx(default)
+
+
+def test_eval_of_a_pretrain_checkpoint_masks_with_the_runs_seed(checkpoints, tmp_path):
+    """Eval's masks, and so its Eq. 1 and the picture of Figure 4, are drawn from the run's own seed (the pre-training
+    run's reconstructions.png shows the same masks), unless --seed says otherwise."""
+    state = torch.load(checkpoints["pre"], weights_only=True)
+    state["args"]["seed"] = 5
+    seeded = str(tmp_path / "seeded.pth")
+    torch.save(state, seeded)
+    for flags, seed in (([], 5), (["--seed", "3"], 3)):
+        args = M.parse_args(["--stage", "eval", "--init", seeded, "--device", "cpu", *flags])
+        M.resolve(args)
+        assert args.seed == seed
 
 
 def test_eval_default_out_names_the_checkpoint_stage(checkpoints, data, tmp_path, monkeypatch, capsys):
