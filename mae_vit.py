@@ -526,10 +526,10 @@ def maybe_compile(model, args):
 def pretrain(args, resume):
     """§3.2, Table 1. The uint8 training set lives on the device, where batches, crops, flips and masks are drawn."""
     device = setup_device(args)
-    images, _ = load_cifar(args.dataset, args.data_dir, "train")
-    knn = knn_splits(args.dataset, args.data_dir)
-    steps = prepare_out(args, resume, len(images))
-    images, knn, model = images.to(device), [t.to(device) for t in knn], MAE(args.mask_ratio, args.alpha).to(device)
+    knn = [t.to(device) for t in knn_splits(args.dataset, args.data_dir)]    # its train images: the training set,
+    images = knn[0] if "+" not in args.dataset else load_cifar(args.dataset, args.data_dir, "train")[0].to(device)
+    steps = prepare_out(args, resume, len(images))                          # read and held once (merged: apart)
+    model = MAE(args.mask_ratio, args.alpha).to(device)
     compiled, encoder = maybe_compile(model, args), maybe_compile(model.encoder, args)   # training; k-NN
     noise = torch.rand(8, NUM_PATCHES, generator=torch.Generator().manual_seed(args.seed)).to(device)  # eval's first 8
 
