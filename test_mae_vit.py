@@ -635,10 +635,12 @@ def test_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
     assert (
         math.isfinite(rows[-1]["test_loss"]) and s["test_loss"] == rows[-1]["test_loss"]
     )  # at the end
-    lines = r.stdout.strip().splitlines()  # parameters, the run's values, lr, 2 epochs, JSON
-    assert len(lines) == 6 and "ETA" in lines[4] and "ETA" not in lines[3]
-    assert json.loads(lines[1].split(": ", 1)[1])["batch_size"] == 8
-    assert lines[2] == "peak lr 4.69e-06 (Eq. 2), 2 steps per epoch"  # 1.5e-4 x 8 / 256
+    lines = (
+        r.stdout.strip().splitlines()
+    )  # parameters, steps, lr and the run's values, 2 epochs, JSON
+    assert len(lines) == 5 and "ETA" in lines[3] and "ETA" not in lines[2]
+    assert json.loads(lines[1].split("run: ", 1)[1])["batch_size"] == 8
+    assert lines[1].startswith("2 steps per epoch, peak lr 4.69e-06 (Eq. 2)")  # 1.5e-4 x 8 / 256
     ckpt = torch.load(os.path.join(pre, "checkpoint.pth"), weights_only=True)
     assert ckpt["stage"] == "pretrain" and ckpt["epoch"] == 2 and "optimizer" in ckpt
     assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["base_lr"] == 1.5e-4  # Table 1
@@ -1103,7 +1105,7 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     )
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
     printed = capsys.readouterr()
-    assert "peak lr 5.86e-06 (Eq. 2), 3 steps per epoch" in printed.out  # 1.5e-4 x 10 / 256
+    assert "3 steps per epoch, peak lr 5.86e-06 (Eq. 2)" in printed.out  # 1.5e-4 x 10 / 256
     assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--base-lr", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert "--base-lr 0.001 conflicts" in err and len(err.strip().splitlines()) == 1
@@ -1120,7 +1122,7 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
         == 0
     )
     printed = capsys.readouterr()
-    run = json.loads(printed.out.splitlines()[1].split(": ", 1)[1])
+    run = json.loads(printed.out.splitlines()[1].split("run: ", 1)[1])
     assert (
         run["epochs"] == 2 and run["warmup_epochs"] == 400 and run["batch_size"] == 10
     )  # the run's own
@@ -1130,6 +1132,9 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["epoch"] == 2
     finished = open(os.path.join(out, "checkpoint.pth"), "rb").read()
     assert M.main(["--stage", "pretrain", "--out", out, "--resume"]) == 0  # nothing left to do
+    capsys.readouterr()
+    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "1"]) == 2
+    assert f"--epochs 1: the run in {out} is at epoch 2" in capsys.readouterr().err
     assert (
         M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "0"]) == 2
     )  # not "unset"
@@ -1349,7 +1354,7 @@ def test_out_of_gpu_memory_is_one_line_and_exit_1(data, tmp_path, monkeypatch, c
         == 1
     )
     err = capsys.readouterr().err
-    assert err == "error: out of memory at batch size 10; try less\n"
+    assert err == "error: out of memory (--batch-size 10); try less\n"
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
 
 
@@ -1531,7 +1536,7 @@ BAD = {
     ),
     "out holds a run": (
         "pretrain --dataset cifar10 --out {used}/pre --batch-size 10",
-        "has a run (checkpoint.pth); use another --out or --resume",
+        "has a run (checkpoint.pth); use another --out",
     ),
     "out holds a run killed before its first checkpoint": (
         "pretrain --dataset cifar10 --out {logonly} --batch-size 10",
@@ -1562,7 +1567,10 @@ BAD = {
         "--init is for finetune and eval",
     ),
     "bench given --init": ("bench --init {ft}", "--init is for finetune and eval"),
-    "bench given --out": ("bench --device cpu", "writes no files"),  # it would write nothing there
+    "min lr above the peak": (
+        "pretrain --dataset cifar10 --min-lr 0.2",
+        "is above Eq. 2's peak lr",
+    ),
     "no dataset": ("finetune --epochs 1", "needs --dataset cifar10 or cifar100"),
     "eval without init": ("eval --dataset cifar10", "--stage eval needs --init"),
 }
