@@ -1865,3 +1865,124 @@ def test_pretraining_logs_knn_accuracy_and_reconstructions_at_checkpoints(tmp_pa
             6 * 38 + 2,
             4 * 38 + 2,
         )  # 8 triplets, 2 a row
+
+
+# ---------------------------------------------------------------- on a CUDA GPU: compiled bf16 runs
+# `python3 -m pytest -q -k cuda test_mae_vit.py` runs these, and the attention kernels' test above;
+# without a GPU they are skipped. Each run compiles afresh: dynamo's caches are emptied first.
+CUDA_RUN = ["--device", "cuda", "--compile", "--amp", "--batch-size", "8", "--warmup-epochs", "1"]
+
+
+def compiled_run(capsys, *args):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result, _ = run_main(capsys, *args, *CUDA_RUN)
+    return (
+        result,
+        dict(torch._dynamo.utils.counters["stats"]),
+        dict(torch._dynamo.utils.counters["graph_break"]),
+    )
+
+
+@cuda
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_cuda_each_stage_compiles_one_training_graph_and_never_recompiles(stage, tmp_path, capsys):
+    """Two epochs and two evaluations, compiled with bf16 autocast: one graph for the training step and one
+    for the evaluation pass (pre-training's k-NN encoder, fine-tuning's test split), each of one shape (the
+    training and test sets both hold 20 images), and no graph break."""
+    data = write_cifar(str(tmp_path / "data"), per_batch=4, test=20)  # 20 + 20 images
+    args = [
+        "--stage",
+        stage,
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data,
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--save-every",
+        "1",
+        "--num-workers",
+        "0",
+    ]
+    result, stats, breaks = compiled_run(capsys, *args)
+    assert stats["unique_graphs"] == 2, stats
+    assert not breaks, breaks
+    assert math.isfinite(result["final_loss"]) and [
+        r["epoch"] for r in metrics(str(tmp_path / "run"))
+    ] == [1, 2]
+
+
+@cuda
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_cuda_compiled_bf16_run_stopped_and_resumed_matches_an_unbroken_one(
+    stage, tmp_path, monkeypatch, capsys
+):
+    """As on the CPU, with compiled bf16 steps and CUDA's RNG: a run stopped by Ctrl-C after the checkpoint
+    of epoch 2 and resumed ends where an unbroken run ends. CUDA kernels need not be bit-reproducible (the
+    backward of gather and FlexAttention accumulate with atomics), so the resumed run may differ from the
+    unbroken one by no more than two unbroken runs differ from each other (exactly, where they agree)."""
+    data = write_cifar(str(tmp_path / "data"), per_batch=6, test=12)  # 30 images: 3 steps of 8
+    common = [
+        "--stage",
+        stage,
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data,
+        "--epochs",
+        "3",
+        "--seed",
+        "3",
+        "--save-every",
+        "2",
+        "--num-workers",
+        "1",
+    ]
+    runs = {}
+    for name in ("straight", "again"):
+        runs[name], _, _ = compiled_run(capsys, *common, "--out", str(tmp_path / name))
+    torch._dynamo.reset()
+    code, printed = interrupted_here(
+        [*common, *CUDA_RUN, "--out", str(tmp_path / "broken")],
+        monkeypatch,
+        capsys,
+        at_step=2 * 3 + 2,
+    )
+    assert code == 130, printed.err
+    runs["resumed"], _, _ = compiled_run(
+        capsys, "--stage", stage, "--out", str(tmp_path / "broken"), "--resume"
+    )
+    weights = {
+        name: torch.load(tmp_path / folder / "checkpoint.pth", weights_only=True)["model"]
+        for name, folder in (("straight", "straight"), ("again", "again"), ("resumed", "broken"))
+    }
+
+    def distance(a, b):
+        loss = abs(runs[a]["final_loss"] - runs[b]["final_loss"])
+        weight = max(
+            (weights[a][k].float() - weights[b][k].float()).abs().max().item() for k in weights[a]
+        )
+        return loss, weight
+
+    noise = distance("straight", "again")
+    resumed = distance("straight", "resumed")
+    print(f"unbroken vs unbroken: {noise}; unbroken vs resumed: {resumed}")
+    assert resumed[0] <= 2 * noise[0] and resumed[1] <= 2 * noise[1], (noise, resumed)
+
+
+@cuda
+def test_cuda_bench_prints_both_speeds_and_two_compiled_graphs(capsys):
+    torch._dynamo.reset()
+    s, _ = run_main(
+        capsys, "--stage", "bench", "--device", "cuda", "--batch-size", "64", "--num-workers", "0"
+    )
+    assert BENCH_KEYS <= set(s) and s["device"] == torch.cuda.get_device_name()
+    assert s["compile"] is True and s["compiled_graphs"] == 2, s  # one per training step
+    assert (
+        s["pretrain_img_per_s"] > 0
+        and s["finetune_img_per_s"] > 0
+        and s["knn_seconds_per_checkpoint"] > 0
+    )
