@@ -107,9 +107,25 @@ LAUNCH = [
 ]
 
 
+def cli(*parts):
+    """A command line written as flags in one string ("--epochs 1 --batch-size 8"), with the values
+    that may hold spaces (paths) given apart: strings that start with "-" are split into words."""
+    argv = []
+    for part in parts:
+        if part.startswith("-"):
+            argv += part.split()
+        else:
+            argv.append(part)
+    return argv
+
+
 def run_cli(*args, check=True):
     r = subprocess.run(
-        [sys.executable, *LAUNCH, *args], capture_output=True, text=True, cwd=HERE, timeout=300
+        [sys.executable, *LAUNCH, *cli(*args)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=300,
     )
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
@@ -123,7 +139,7 @@ def summary(r):
 def run_main(capsys, *args):
     """The CLI in this process: main() as `python mae_vit.py` runs it, without the ~5 s of
     a new interpreter importing torch. Returns the JSON summary and the rest of stdout."""
-    assert M.main(list(args)) == 0, capsys.readouterr().err
+    assert M.main(cli(*args)) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     return json.loads(out.strip().splitlines()[-1]), out
 
@@ -138,7 +154,7 @@ def data(tmp_path_factory):
     return write_cifar(str(tmp_path_factory.mktemp("data")), per_batch=6, test=10)  # 30 images
 
 
-TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--num-workers", "0"]
+TINY = cli("--epochs 2 --warmup-epochs 1 --batch-size 8 --num-workers 0")
 
 
 # ---------------------------------------------------------------- patchifier (§3)
@@ -403,7 +419,7 @@ def test_default_recipe_is_tables_1_and_2():
         ),
     )
     for stage, expected in table.items():
-        args = M.parse_args(["--stage", stage, "--dataset", "cifar10", "--device", "cpu"])
+        args = M.parse_args(cli("--stage", stage, "--dataset cifar10 --device cpu"))
         M.check_args(args)
         assert {k: getattr(args, k) for k in expected} == expected, stage
         assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and not args.amp
@@ -622,9 +638,7 @@ def test_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
     """The first step through the real command line in a new interpreter; the rest in this process."""
     data = write_cifar(str(tmp_path / "data"), per_batch=4, test=8)  # 20 images: 2 steps of 8
     pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
-    r = run_cli(
-        "--stage", "pretrain", "--dataset", "cifar10", "--data-dir", data, "--out", pre, *TINY
-    )
+    r = run_cli("--stage pretrain --dataset cifar10 --data-dir", data, "--out", pre, *TINY)
     assert "parameters: 4,856,256" in r.stdout
     s = summary(r)
     assert s["stage"] == "pretrain" and s["epochs"] == 2 and math.isfinite(s["final_loss"])
@@ -653,11 +667,7 @@ def test_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
 
     s, out = run_main(
         capsys,
-        "--stage",
-        "finetune",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage finetune --dataset cifar10 --data-dir",
         data,
         "--out",
         ft,
@@ -685,9 +695,7 @@ def test_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
 
     e, _ = run_main(
         capsys,
-        "--stage",
-        "eval",
-        "--init",
+        "--stage eval --init",
         os.path.join(ft, "checkpoint.pth"),
         "--data-dir",
         data,
@@ -704,22 +712,11 @@ def test_finetuning_logs_train_accuracy_and_test_loss_each_epoch(data, tmp_path,
     out = str(tmp_path / "ft")
     s, printed = run_main(
         capsys,
-        "--stage",
-        "finetune",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage finetune --dataset cifar10 --data-dir",
         data,
         "--out",
         out,
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--num-workers",
-        "0",
+        "--epochs 2 --warmup-epochs 1 --batch-size 8 --num-workers 0",
     )
     assert "init: none, so the encoder trains from scratch" in printed
     rows = metrics(out)
@@ -758,38 +755,22 @@ def test_cross_dataset_pretraining(tmp_path, capsys):
     pre = str(tmp_path / "pre")
     s, _ = run_main(
         capsys,
-        "--stage",
-        "pretrain",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage pretrain --dataset cifar10 --data-dir",
         root,
         "--out",
         pre,
-        "--epochs",
-        "1",
-        "--batch-size",
-        "20",
+        "--epochs 1 --batch-size 20",
     )
     assert s["dataset"] == "cifar10"
     _, out = run_main(
         capsys,
-        "--stage",
-        "finetune",
-        "--dataset",
-        "cifar100",
-        "--data-dir",
+        "--stage finetune --dataset cifar100 --data-dir",
         root,
         "--out",
         str(tmp_path / "ft"),
         "--init",
         os.path.join(pre, "checkpoint.pth"),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "10",
-        "--num-workers",
-        "0",
+        "--epochs 1 --batch-size 10 --num-workers 0",
     )
     assert "parameters: 3,653,860" in out
 
@@ -809,20 +790,11 @@ def test_eta_leaves_out_the_first_epoch_which_compiles(tmp_path, monkeypatch, ca
     monkeypatch.setattr(M, "time", SimpleNamespace(time=lambda: time.time() + hour[0]))
     _, out = run_main(
         capsys,
-        "--stage",
-        "pretrain",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage pretrain --dataset cifar10 --data-dir",
         root,
         "--out",
         str(tmp_path / "run"),
-        "--epochs",
-        "3",
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "10",
+        "--epochs 3 --warmup-epochs 1 --batch-size 10",
     )
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert "ETA" not in lines[0]  # no ETA from the epoch that compiles
@@ -836,16 +808,12 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "out"
     assert (
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar100",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar100 --data-dir",
                 str(tmp_path / "none"),
                 "--out",
                 str(out),
-            ]
+            )
         )
         == 2
     )
@@ -863,16 +831,7 @@ def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
     batch.write_bytes(batch.read_bytes()[:1000])  # a truncated download
     assert (
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
-                str(tmp_path),
-                "--out",
-                str(out),
-            ]
+            cli("--stage pretrain --dataset cifar10 --data-dir", str(tmp_path), "--out", str(out))
         )
         == 2
     )
@@ -887,16 +846,12 @@ def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
         batch.write_bytes(pickle.dumps(d))
         assert (
             M.main(
-                [
-                    "--stage",
-                    "finetune",
-                    "--dataset",
-                    "cifar10",
-                    "--data-dir",
+                cli(
+                    "--stage finetune --dataset cifar10 --data-dir",
                     str(tmp_path),
                     "--out",
                     str(out),
-                ]
+                )
             )
             == 2
         )
@@ -909,20 +864,13 @@ def test_corrupt_data_is_one_line_and_exit_2(tmp_path, capsys):
     )
     assert (
         M.main(
-            [
-                "--stage",
-                "finetune",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage finetune --dataset cifar10 --data-dir",
                 str(tmp_path),
                 "--out",
                 str(out),
-                "--batch-size",
-                "32",
-                "--num-workers",
-                "0",
-            ]
+                "--batch-size 32 --num-workers 0",
+            )
         )
         == 2
     )
@@ -947,18 +895,7 @@ BENCH_KEYS = {
 
 
 def test_bench_reports_true_macs(capsys):
-    s, _ = run_main(
-        capsys,
-        "--stage",
-        "bench",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--amp",
-    )
+    s, _ = run_main(capsys, "--stage bench --device cpu --batch-size 2 --num-workers 0 --amp")
     assert BENCH_KEYS <= set(s)
     assert s["macs_per_image"] / 1e9 == pytest.approx(0.616, abs=0.005)  # true MACs, not 0.26
     assert s["parameters"] == 3_636_490 and s["compiled_graphs"] == 0  # not compiled on the CPU
@@ -993,24 +930,13 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_equals_an_unbroken_one(
     """Ctrl-C in epoch 3, after the checkpoint of epoch 2: one line, exit 130; --resume redoes epoch 3 from
     that checkpoint (weights, AdamW, RNG, log) and ends exactly where a run never stopped ends (CPU)."""
     data = write_cifar(str(tmp_path / "data"), per_batch=3, test=12)  # 15 images: 3 steps of 4
-    common = [
+    common = cli(
         "--stage",
         stage,
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--dataset cifar10 --data-dir",
         data,
-        "--epochs",
-        "3",
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--seed",
-        "3",
-        "--save-every",
-        "2",
-    ]
+        "--epochs 3 --warmup-epochs 1 --batch-size 4 --seed 3 --save-every 2",
+    )
     if stage == "finetune":
         common += ["--num-workers", "1"]  # AutoAugment in a DataLoader worker
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
@@ -1078,7 +1004,7 @@ def test_ctrl_c_from_the_terminal_is_one_line_and_exit_130(data, tmp_path):
     assert stderr.count("\n") == 1 and stderr.startswith("interrupted;") and "--resume" in stderr
     done = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 1 <= done < 50
-    r = run_cli("--stage", "finetune", "--out", out, "--resume", "--epochs", str(done + 1))
+    r = run_cli("--stage finetune --out", out, "--resume --epochs", str(done + 1))
     assert summary(r)["epoch"] == done + 1
 
 
@@ -1086,41 +1012,29 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     out = str(tmp_path / "run")
     assert (
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar10 --data-dir",
                 data,
                 "--out",
                 out,
-                "--epochs",
-                "1",
-                "--batch-size",
-                "10",
-            ]
+                "--epochs 1 --batch-size 10",
+            )
         )
         == 0
     )
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
     printed = capsys.readouterr()
     assert "3 steps per epoch, peak lr 5.86e-06 (Eq. 2)" in printed.out  # 1.5e-4 x 10 / 256
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--base-lr", "1e-3"]) == 2
+    assert M.main(cli("--stage pretrain --out", out, "--resume --base-lr 1e-3")) == 2
     err = capsys.readouterr().err
     assert "--base-lr 0.001 conflicts" in err and len(err.strip().splitlines()) == 1
-    assert M.main(["--stage", "finetune", "--dataset", "cifar10", "--out", out, "--resume"]) == 2
+    assert M.main(cli("--stage finetune --dataset cifar10 --out", out, "--resume")) == 2
     assert "is a pretrain checkpoint, not a finetune one" in capsys.readouterr().err
-    assert M.main(["--stage", "eval", "--out", out, "--resume"]) == 2
+    assert M.main(cli("--stage eval --out", out, "--resume")) == 2
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # epoch 2 logged, then killed unsaved
         f.write(json.dumps(dict(epoch=2, loss=-1.0)) + "\n" + '{"epoch": 3, "lo')
-    assert (
-        M.main(
-            ["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2", "--batch-size", "10"]
-        )
-        == 0
-    )
+    assert M.main(cli("--stage pretrain --out", out, "--resume --epochs 2 --batch-size 10")) == 0
     printed = capsys.readouterr()
     run = json.loads(printed.out.splitlines()[1].split("run: ", 1)[1])
     assert (
@@ -1131,13 +1045,11 @@ def test_resume_extends_epochs_and_refuses_other_changes(data, tmp_path, capsys)
     ] > 0  # trained again
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["epoch"] == 2
     finished = open(os.path.join(out, "checkpoint.pth"), "rb").read()
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume"]) == 0  # nothing left to do
+    assert M.main(cli("--stage pretrain --out", out, "--resume")) == 0  # nothing left to do
     capsys.readouterr()
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "1"]) == 2
+    assert M.main(cli("--stage pretrain --out", out, "--resume --epochs 1")) == 2
     assert f"--epochs 1: the run in {out} is at epoch 2" in capsys.readouterr().err
-    assert (
-        M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "0"]) == 2
-    )  # not "unset"
+    assert M.main(cli("--stage pretrain --out", out, "--resume --epochs 0")) == 2  # not "unset"
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == finished
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
 
@@ -1154,23 +1066,13 @@ def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(tmp_path, monkeypat
     )  # 25 images
     assert (
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar10 --data-dir",
                 data,
                 "--out",
                 out,
-                "--epochs",
-                "1",
-                "--batch-size",
-                "8",
-                "--crop-scale",
-                "0.5",
-                "0.9",
-            ]
+                "--epochs 1 --batch-size 8 --crop-scale 0.5 0.9",
+            )
         )
         == 0
     )
@@ -1179,26 +1081,10 @@ def test_crop_scale_flag_is_used_saved_and_fixed_for_the_run(tmp_path, monkeypat
         "crop_scale"
     ] == (0.5, 0.9)
     capsys.readouterr()
-    assert (
-        M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--out",
-                out,
-                "--resume",
-                "--epochs",
-                "2",
-                "--crop-scale",
-                "0.6",
-                "1",
-            ]
-        )
-        == 2
-    )
+    assert M.main(cli("--stage pretrain --out", out, "--resume --epochs 2 --crop-scale 0.6 1")) == 2
     assert "--crop-scale (0.6, 1.0) conflicts" in capsys.readouterr().err
     seen.clear()
-    assert M.main(["--stage", "pretrain", "--out", out, "--resume", "--epochs", "2"]) == 0
+    assert M.main(cli("--stage pretrain --out", out, "--resume --epochs 2")) == 0
     assert set(seen) == {(0.5, 0.9)}
 
 
@@ -1214,22 +1100,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     monkeypatch.setattr(M, "mae_loss", poisoned)
     with pytest.raises(SystemExit) as stop:
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar10 --data-dir",
                 data,
                 "--out",
                 out,
-                "--epochs",
-                "3",
-                "--batch-size",
-                "5",
-                "--save-every",
-                "1",
-            ]
+                "--epochs 3 --batch-size 5 --save-every 1",
+            )
         )
     message = str(stop.value.code)  # a message, so the exit code is 1
     assert "non-finite loss in epoch 2" in message
@@ -1245,24 +1122,13 @@ def test_diverging_run_exits_1_with_one_line(tmp_path):
     )  # 20 images
     with pytest.raises(SystemExit) as stop:
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar10 --data-dir",
                 data,
                 "--out",
                 str(out),
-                "--epochs",
-                "2",
-                "--batch-size",
-                "10",
-                "--warmup-epochs",
-                "0",
-                "--base-lr",
-                "1e30",
-            ]
+                "--epochs 2 --batch-size 10 --warmup-epochs 0 --base-lr 1e30",
+            )
         )
     message = str(stop.value.code)  # a message, so Python prints it as one line and exits with 1
     assert message.startswith("error: non-finite loss in epoch 1;") and "\n" not in message
@@ -1291,22 +1157,13 @@ def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(data, tmp
     monkeypatch.setattr(M, "write_file", second_checkpoint_fails)
     with pytest.raises(SystemExit) as stop:
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar10 --data-dir",
                 data,
                 "--out",
                 str(out),
-                "--epochs",
-                "2",
-                "--batch-size",
-                "10",
-                "--save-every",
-                "1",
-            ]
+                "--epochs 2 --batch-size 10 --save-every 1",
+            )
         )
     message = str(stop.value.code)  # a message, so the exit code is 1
     assert message == (
@@ -1317,7 +1174,7 @@ def test_a_failed_write_stops_with_one_line_and_keeps_what_was_written(data, tmp
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert (
-        M.main(["--stage", "pretrain", "--out", str(out), "--resume"]) == 0
+        M.main(cli("--stage pretrain --out", str(out), "--resume")) == 0
     )  # it goes on from epoch 1
 
 
@@ -1327,32 +1184,20 @@ def test_out_of_gpu_memory_is_one_line_and_exit_1(data, tmp_path, monkeypatch, c
 
     assert (
         M.main(
-            [
-                "--stage",
-                "pretrain",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
+            cli(
+                "--stage pretrain --dataset cifar10 --data-dir",
                 data,
                 "--out",
                 str(tmp_path / "run"),
-                "--batch-size",
-                "10",
-                "--epochs",
-                "1",
-                "--warmup-epochs",
-                "0",
-            ]
+                "--batch-size 10 --epochs 1 --warmup-epochs 0",
+            )
         )
         == 0
     )
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     capsys.readouterr()
     monkeypatch.setattr(M, "train_step", no_memory)
-    assert (
-        M.main(["--stage", "pretrain", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2"])
-        == 1
-    )
+    assert M.main(cli("--stage pretrain --out", str(tmp_path / "run"), "--resume --epochs 2")) == 1
     err = capsys.readouterr().err
     assert err == "error: out of memory (--batch-size 10); try less\n"
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
@@ -1372,20 +1217,9 @@ class RunsCode:
 def checkpoints(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     pre, ft = str(root / "pre"), str(root / "ft")
-    base = [
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        data,
-        "--epochs",
-        "1",
-        "--batch-size",
-        "10",
-        "--num-workers",
-        "0",
-    ]
-    assert M.main(["--stage", "pretrain", "--out", pre, *base]) == 0
-    assert M.main(["--stage", "finetune", "--out", ft, *base]) == 0
+    base = cli("--dataset cifar10 --data-dir", data, "--epochs 1 --batch-size 10 --num-workers 0")
+    assert M.main(cli("--stage pretrain --out", pre, *base)) == 0
+    assert M.main(cli("--stage finetune --out", ft, *base)) == 0
     pre, ft = os.path.join(pre, "checkpoint.pth"), os.path.join(ft, "checkpoint.pth")
     text = str(root / "notes.txt")
     open(text, "w").write("not a checkpoint")
@@ -1601,11 +1435,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, checkpoints, data
 
 def test_bad_input_from_the_shell_has_no_traceback(checkpoints, data, tmp_path):
     r = run_cli(
-        "--stage",
-        "finetune",
-        "--dataset",
-        "cifar10",
-        "--init",
+        "--stage finetune --dataset cifar10 --init",
         checkpoints["text"],
         "--data-dir",
         data,
@@ -1624,22 +1454,13 @@ def test_empty_paths_fall_back_to_the_defaults(checkpoints, data, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     s, out = run_main(
         capsys,
-        "--stage",
-        "finetune",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage finetune --dataset cifar10 --data-dir",
         data,
         "--out",
         "",
         "--init",
         "",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "10",
-        "--num-workers",
-        "0",
+        "--epochs 1 --batch-size 10 --num-workers 0",
     )
     assert s["out"] == os.path.join("runs", "finetune-cifar10") and "trains from scratch" in out
     assert sorted(os.listdir(tmp_path)) == ["runs"]
@@ -1654,20 +1475,11 @@ def test_pretraining_test_loss_is_eq1_on_the_test_split_masked_from_the_runs_see
     out = str(tmp_path / "pre")
     s, _ = run_main(
         capsys,
-        "--stage",
-        "pretrain",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage pretrain --dataset cifar10 --data-dir",
         data,
         "--out",
         out,
-        "--epochs",
-        "1",
-        "--batch-size",
-        "10",
-        "--seed",
-        "5",
+        "--epochs 1 --batch-size 10 --seed 5",
     )
     mae = M.MAE()
     mae.load_state_dict(torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"])
@@ -1686,10 +1498,10 @@ def test_pretraining_test_loss_is_eq1_on_the_test_split_masked_from_the_runs_see
 
 def test_eval_default_out_and_no_overwrite(checkpoints, data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 0
+    assert M.main(cli("--stage eval --init", checkpoints["ft"], "--data-dir", data)) == 0
     assert len(metrics(str(tmp_path / "runs" / "eval-cifar10"))) == 1
     assert (
-        M.main(["--stage", "eval", "--init", checkpoints["ft"], "--data-dir", data]) == 2
+        M.main(cli("--stage eval --init", checkpoints["ft"], "--data-dir", data)) == 2
     )  # no overwrite
     assert "runs/eval-cifar10 has a run (metrics.jsonl)" in capsys.readouterr().err
 
@@ -1704,15 +1516,13 @@ def fake_gpu(monkeypatch, capability):
 def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
     """Eval passes over the test set once: compiling would cost more than it saves."""
     fake_gpu(monkeypatch, (9, 0))
-    ev = M.parse_args(["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda"])
+    ev = M.parse_args(cli("--stage eval --init", checkpoints["ft"], "--device cuda"))
     M.check_args(ev)
     assert ev.compile is False and ev.amp is True
-    ft = M.parse_args(["--stage", "finetune", "--dataset", "cifar10", "--device", "cuda"])
+    ft = M.parse_args(cli("--stage finetune --dataset cifar10 --device cuda"))
     M.check_args(ft)
     assert ft.compile is True and ft.amp is True
-    forced = M.parse_args(
-        ["--stage", "eval", "--init", checkpoints["ft"], "--device", "cuda", "--compile"]
-    )
+    forced = M.parse_args(cli("--stage eval --init", checkpoints["ft"], "--device cuda --compile"))
     M.check_args(forced)
     assert forced.compile is True
 
@@ -1725,18 +1535,14 @@ def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile
     """bf16 autocast by default from Ampere (8.0), torch.compile from Volta (7.0): a T4 or
     a P100 gets a run that works in fp32 instead of emulated bf16 or a Triton error."""
     fake_gpu(monkeypatch, capability)
-    args = M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda"])
+    args = M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda"))
     M.check_args(args)
     assert (args.compile, args.amp) == (compile, amp)
-    forced = M.parse_args(
-        ["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda", "--amp"]
-    )
+    forced = M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda --amp"))
     M.check_args(forced)
     assert forced.amp is True  # an explicit flag is obeyed
     with pytest.raises(M.UsageError, match=r"has 1 CUDA device\(s\)"):
-        M.check_args(
-            M.parse_args(["--stage", "pretrain", "--dataset", "cifar10", "--device", "cuda:1"])
-        )
+        M.check_args(M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda:1")))
 
 
 def test_the_readme_python_example_runs(checkpoints, tmp_path, monkeypatch, capsys):
@@ -1830,22 +1636,11 @@ def test_pretraining_logs_knn_accuracy_and_reconstructions_at_checkpoints(tmp_pa
     out = str(tmp_path / "pre")
     s, printed = run_main(
         capsys,
-        "--stage",
-        "pretrain",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--stage pretrain --dataset cifar10 --data-dir",
         root,
         "--out",
         out,
-        "--epochs",
-        "3",
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "25",
-        "--save-every",
-        "2",
+        "--epochs 3 --warmup-epochs 1 --batch-size 25 --save-every 2",
     )
     rows = metrics(out)
     assert ["knn_accuracy" in r for r in rows] == [
@@ -1870,7 +1665,7 @@ def test_pretraining_logs_knn_accuracy_and_reconstructions_at_checkpoints(tmp_pa
 # ---------------------------------------------------------------- on a CUDA GPU: compiled bf16 runs
 # `python3 -m pytest -q -k cuda test_mae_vit.py` runs these, and the attention kernels' test above;
 # without a GPU they are skipped. Each run compiles afresh: dynamo's caches are emptied first.
-CUDA_RUN = ["--device", "cuda", "--compile", "--amp", "--batch-size", "8", "--warmup-epochs", "1"]
+CUDA_RUN = cli("--device cuda --compile --amp --batch-size 8 --warmup-epochs 1")
 
 
 def compiled_run(capsys, *args):
@@ -1891,22 +1686,15 @@ def test_cuda_each_stage_compiles_one_training_graph_and_never_recompiles(stage,
     for the evaluation pass (pre-training's k-NN encoder, fine-tuning's test split), each of one shape (the
     training and test sets both hold 20 images), and no graph break."""
     data = write_cifar(str(tmp_path / "data"), per_batch=4, test=20)  # 20 + 20 images
-    args = [
+    args = cli(
         "--stage",
         stage,
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--dataset cifar10 --data-dir",
         data,
         "--out",
         str(tmp_path / "run"),
-        "--epochs",
-        "2",
-        "--save-every",
-        "1",
-        "--num-workers",
-        "0",
-    ]
+        "--epochs 2 --save-every 1 --num-workers 0",
+    )
     result, stats, breaks = compiled_run(capsys, *args)
     assert stats["unique_graphs"] == 2, stats
     assert not breaks, breaks
@@ -1925,22 +1713,13 @@ def test_cuda_compiled_bf16_run_stopped_and_resumed_matches_an_unbroken_one(
     backward of gather and FlexAttention accumulate with atomics), so the resumed run may differ from the
     unbroken one by no more than two unbroken runs differ from each other (exactly, where they agree)."""
     data = write_cifar(str(tmp_path / "data"), per_batch=6, test=12)  # 30 images: 3 steps of 8
-    common = [
+    common = cli(
         "--stage",
         stage,
-        "--dataset",
-        "cifar10",
-        "--data-dir",
+        "--dataset cifar10 --data-dir",
         data,
-        "--epochs",
-        "3",
-        "--seed",
-        "3",
-        "--save-every",
-        "2",
-        "--num-workers",
-        "1",
-    ]
+        "--epochs 3 --seed 3 --save-every 2 --num-workers 1",
+    )
     runs = {}
     for name in ("straight", "again"):
         runs[name], _, _ = compiled_run(capsys, *common, "--out", str(tmp_path / name))
@@ -1976,9 +1755,7 @@ def test_cuda_compiled_bf16_run_stopped_and_resumed_matches_an_unbroken_one(
 @cuda
 def test_cuda_bench_prints_both_speeds_and_two_compiled_graphs(capsys):
     torch._dynamo.reset()
-    s, _ = run_main(
-        capsys, "--stage", "bench", "--device", "cuda", "--batch-size", "64", "--num-workers", "0"
-    )
+    s, _ = run_main(capsys, "--stage bench --device cuda --batch-size 64 --num-workers 0")
     assert BENCH_KEYS <= set(s) and s["device"] == torch.cuda.get_device_name()
     assert s["compile"] is True and s["compiled_graphs"] == 2, s  # one per training step
     assert (
