@@ -807,9 +807,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=list(CLASSES))
     p.add_argument("--data-dir", help="where CIFAR is, or goes (default: ./data)")
     p.add_argument("--out", help="the run's folder (default: runs/<stage>-<dataset>)")
-    p.add_argument(
-        "--epochs", type=int, help="Tables 1-2; more on --resume re-stretches the cosine"
-    )
+    p.add_argument("--epochs", type=int, help="Tables 1-2; more on --resume stretch the cosine")
     p.add_argument("--warmup-epochs", type=int, help="Tables 1-2")
     p.add_argument("--batch-size", type=int, help="Tables 1-2; Eq. 2 scales the lr with it")
     p.add_argument("--base-lr", type=float, help="Tables 1-2, Eq. 2")
@@ -884,9 +882,7 @@ def check_args(args):
     if args.stage == "eval" and args.dataset != init["args"]["dataset"]:
         raise UsageError(f"{args.init} classifies {init['args']['dataset']}, not {args.dataset}")
     if resume and args.epochs < resume["epoch"]:
-        raise UsageError(
-            f"--epochs {args.epochs}: the run in {args.out} is at epoch {resume['epoch']}"
-        )
+        raise UsageError(f"--epochs {args.epochs}: the run has done {resume['epoch']} already")
     if args.base_lr and args.min_lr > peak_lr(args.base_lr, args.batch_size):
         raise UsageError(f"--min-lr {args.min_lr} is above Eq. 2's peak lr")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -938,7 +934,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole, so the last one is good
         message = "interrupted"
         if args.stage in ("pretrain", "finetune"):
-            message += f"; go on with --stage {args.stage} --out {args.out} --resume"
+            message += (
+                f"; to go on: python mae_vit.py --stage {args.stage} --out {args.out} --resume"
+            )
         print(message, file=sys.stderr)
         return 130
     summary = dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result)
