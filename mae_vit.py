@@ -1,9 +1,9 @@
-"""Masked-autoencoder pre-training of a lightweight ViT on CIFAR, in one file: J. H. Tan,
-"Pre-training of Lightweight Vision Transformers on Small Datasets with Minimally Scaled Images",
-2024 (arXiv:2402.03752), in the paper's order. Table 3: 96.41% on CIFAR-10, 78.27% on CIFAR-100,
-each pre-trained on its own set; 3.64 M parameters (3,636,490 here with CIFAR-10's head); not yet
-reproduced with this file. `--stage bench` at a2aed25, one H200, torch 2.11, bf16, compiled:
-50.5k img/s pre-training, 31.9k fine-tuning, the recipe's training steps in a projected 1.23 h.
+"""Masked-autoencoder pre-training of a lightweight ViT on CIFAR, in one file, in sections by
+topic: J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets with
+Minimally Scaled Images", 2024 (arXiv:2402.03752). Table 3: 96.41% on CIFAR-10, 78.27% on
+CIFAR-100, each pre-trained on its own set; 3.64 M parameters (3,636,490 here with CIFAR-10's
+head); not yet reproduced here. `--stage bench` at a2aed25 (before attention dropout), one H200,
+torch 2.11, bf16, compiled: 50.5k img/s pre-training, 31.9k fine-tuning; recipe projected: 1.23 h.
 
     python mae_vit.py --stage pretrain --dataset cifar10     # §3.2, Table 1; then Table 2:
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth
@@ -42,6 +42,11 @@ ENCODER_DEPTH = 12  # §3.1
 DECODER_DEPTH = 4  # §3.1
 MLP_RATIO = 2  # §3.1: the MLP expands 192 -> 384, not ViT's 4x
 DROPOUT = 0.1  # §3.1
+# §3.1 takes init and LayerNorm from "Pytorch's default setup", and all else it states is a default
+# of nn.TransformerEncoderLayer, which is post-norm: --no-norm-first, the literal reading. Pre-norm
+# is the default as it trains: on held-out real images (15 + 6 epochs), post-norm fine-tuned near
+# chance (0.19; pre-norm 0.747, 0.606 from scratch). Post-norm needs lower lrs or longer warm-ups.
+NORM_FIRST = True
 MEAN = 0.5  # Tables 1-2: colour normalization, every channel
 STD = 0.5
 
@@ -70,7 +75,7 @@ FINETUNE = dict(  # §3.3, Table 2; also AutoAugment (CIFAR-10 policy), crop and
 # Table 2 has no mixup, CutMix, label smoothing, drop path or gradient clipping; none is used.
 # Not in the tables: the data's folder, the cosine's floor (§5 suggests ~20% of the peak; the
 # paper had none), epochs between checkpoints (Figure 5's 20, 1020, ...), §3's one seed.
-COMMON = dict(data_dir="./data", min_lr=0.0, save_every=20, seed=0)
+COMMON = dict(data_dir="./data", min_lr=0.0, save_every=20, seed=0, norm_first=NORM_FIRST)
 COMMON["device"] = "cuda" if torch.cuda.is_available() else "cpu"
 CLASSES = {"cifar10": 10, "cifar100": 100}
 EVAL_BATCH = 1000  # divides CIFAR's 50,000 and 10,000: evaluation batches have one shape
@@ -93,35 +98,45 @@ def unpatchify(patches):
 
 
 class Block(nn.Module):
-    """One transformer layer (§3.1, Figure 2): attention, a ReLU MLP 192 -> 384 -> 192, biases.
-    Choices where the paper is silent: pre-norm (ViT, MAE), dropout only where §3.1 puts it; nn.
-    TransformerEncoderLayer, otherwise §3.1's defaults, is post-norm and drops attention too."""
+    """One transformer layer (§3.1, Figure 2): nn.TransformerEncoderLayer(192, 3, 384, 0.1) written
+    out, for §3.1 names only its defaults: ReLU, dropout 0.1 (on the attention weights, after the
+    attention, after the ReLU, after the MLP), biases, its init and its LayerNorm. norm_first:
+    LayerNorm before each sublayer (pre-norm), else after each residual addition (post-norm)."""
 
-    def __init__(self):
+    def __init__(self, norm_first=NORM_FIRST):
         super().__init__()
+        self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(DIM)
         self.qkv = nn.Linear(DIM, 3 * DIM)
         self.proj = nn.Linear(DIM, DIM)
         self.norm2 = nn.LayerNorm(DIM)
         self.fc1 = nn.Linear(DIM, MLP_RATIO * DIM)
         self.fc2 = nn.Linear(MLP_RATIO * DIM, DIM)
-        # §3.1: PyTorch's default init, as nn.MultiheadAttention sets it (the module the paper's
-        # 0.26 G MACs point to): xavier-uniform q/k/v projection, zero biases
+        # nn.MultiheadAttention's init: xavier-uniform q/k/v projection, zero biases
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x):  # (B, N, 192)
+    def attend(self, x):  # (B, N, 192)
         B, N, D = x.shape
-        qkv = self.qkv(self.norm1(x)).view(B, N, 3, HEADS, D // HEADS)
+        qkv = self.qkv(x).view(B, N, 3, HEADS, D // HEADS)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, HEADS, N, 64)
-        heads = attention(q, k, v)  # (B, HEADS, N, 64); which kernel: see "Speed only"
-        x = x + self.proj(heads.transpose(1, 2).reshape(B, N, D))
-        # §3.1: dropout "to the output of these [two linear] layers"
-        h = F.relu(self.fc1(self.norm2(x)))  # (B, N, 384)
+        dropout = DROPOUT if self.training else 0.0  # on the attention weights
+        heads = attention(q, k, v, dropout)  # (B, HEADS, N, 64); which kernel: see "Speed only"
+        out = self.proj(heads.transpose(1, 2).reshape(B, N, D))
+        return F.dropout(out, DROPOUT, self.training)
+
+    def mlp(self, x):  # (B, N, 192)
+        h = F.relu(self.fc1(x))  # (B, N, 384)
         h = F.dropout(h, DROPOUT, self.training)
-        h = F.dropout(self.fc2(h), DROPOUT, self.training)  # (B, N, 192)
-        return x + h
+        return F.dropout(self.fc2(h), DROPOUT, self.training)
+
+    def forward(self, x):  # (B, N, 192)
+        if self.norm_first:
+            x = x + self.attend(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attend(x))
+        return self.norm2(x + self.mlp(x))
 
 
 def random_masking(noise, mask_ratio):
@@ -142,12 +157,12 @@ class Encoder(nn.Module):
     """§2.1, Figure 2: bias-free patch embedding + 145 learnable positions, 12 blocks, LayerNorm,
     bias-free projection. It sees the kept patches and the dummy, or all 145 tokens."""
 
-    def __init__(self, depth=ENCODER_DEPTH):
+    def __init__(self, norm_first=NORM_FIRST):
         super().__init__()
         self.patch_embed = nn.Linear(PATCH_DIM, DIM, bias=False)  # §3.1: biases in blocks only
         # §2.1: learnable positions, not MAE's sinusoids; N(0, 1), nn.Embedding's default
         self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))
-        self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(norm_first) for _ in range(ENCODER_DEPTH)])
         self.norm = nn.LayerNorm(DIM)
         self.proj = nn.Linear(DIM, DIM, bias=False)
 
@@ -169,11 +184,11 @@ class Decoder(nn.Module):
     """§2.2: encoded visible tokens and a shared, learnable mask token at the masked positions,
     + its own 145 positions; 4 blocks; LayerNorm; a bias-free projection to 27 pixels (§2.3)."""
 
-    def __init__(self, depth=DECODER_DEPTH):
+    def __init__(self, norm_first=NORM_FIRST):
         super().__init__()
         self.mask_token = nn.Parameter(torch.randn(DIM))  # a choice: N(0, 1); MAE's N(0, 0.02²)
         self.pos_embed = nn.Parameter(torch.randn(NUM_TOKENS, DIM))  # §2.2: its own positions
-        self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(norm_first) for _ in range(DECODER_DEPTH)])
         self.norm = nn.LayerNorm(DIM)
         self.proj = nn.Linear(DIM, PATCH_DIM, bias=False)
 
@@ -195,12 +210,14 @@ class MAE(nn.Module):
     """Pre-training (Figure 1): normalized images (B, 3, 36, 36) -> Eq. 1's loss, the predicted
     patches (B, 144, 27) and the mask (B, 144), chosen by `noise` (B, 144), drawn if not given."""
 
-    def __init__(self, mask_ratio=PRETRAIN["mask_ratio"], alpha=PRETRAIN["alpha"]):
+    def __init__(
+        self, mask_ratio=PRETRAIN["mask_ratio"], alpha=PRETRAIN["alpha"], norm_first=NORM_FIRST
+    ):
         super().__init__()
         self.mask_ratio = mask_ratio
         self.alpha = alpha
-        self.encoder = Encoder()
-        self.decoder = Decoder()
+        self.encoder = Encoder(norm_first)
+        self.decoder = Decoder(norm_first)
 
     def forward(self, images, noise=None):
         target = patchify(images)  # (B, 144, 27)
@@ -215,9 +232,9 @@ class MAE(nn.Module):
 class Classifier(nn.Module):
     """Fine-tuning (§3.3): the encoder and a linear layer on the dummy token's embedding."""
 
-    def __init__(self, num_classes):
+    def __init__(self, num_classes, norm_first=NORM_FIRST):
         super().__init__()
-        self.encoder = Encoder()
+        self.encoder = Encoder(norm_first)
         # A choice: with a bias, as §3.1's bias-free rule covers the encoder's and decoder's
         self.head = nn.Linear(DIM, num_classes)
 
@@ -273,7 +290,8 @@ def param_groups(model, weight_decay, layer_decay):
     silent: on linear layers' weight matrices only. Biases and LayerNorms are exempt, as in MAE
     and timm, and so, in both stages, are the positions and the mask token: learned inputs added
     to the stream, not weights that multiply it; decay would only pull them to zero. (MAE's
-    fine-tuning exempts its positions too; its pre-training only 1-D ones, so its mask token.)"""
+    fine-tuning exempts its positions too; its pre-training exempts 1-D tensors only, so it
+    decays its mask token.)"""
     linear_weights = set()
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -555,7 +573,7 @@ def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, 
     queries = encode(test_images)  # (N_test, 192)
     votes = torch.zeros(len(queries), int(train_labels.max()) + 1, device=bank.device)
     for i in range(0, len(queries), EVAL_BATCH):  # never all of (test x train) at once
-        with torch.autocast(bank.device.type, enabled=False):  # similarities in fp32
+        with torch.autocast(bank.device.type, enabled=False):  # fp32 (a GPU's TF32: see main)
             similarity = queries[i : i + EVAL_BATCH] @ bank.T  # (b, N_train)
         top, nearest = similarity.topk(min(k, len(bank)), dim=1)  # (b, k)
         votes[i : i + EVAL_BATCH].scatter_add_(1, train_labels[nearest], (top / t).exp())
@@ -567,8 +585,9 @@ def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, 
 
 CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "args", "log", "rng_cpu", "rng_cuda"}
 # What a resumed run keeps: another value is refused (it may change epochs, save_every, data_dir)
-FIXED_ON_RESUME = ["dataset", "batch_size", "base_lr", "weight_decay", "min_lr", "warmup_epochs"]
-FIXED_ON_RESUME += ["mask_ratio", "alpha", "layer_decay", "crop_scale", "seed", "init"]
+FIXED_ON_RESUME = ["dataset", "norm_first", "batch_size", "base_lr", "weight_decay", "min_lr"]
+FIXED_ON_RESUME += ["warmup_epochs", "mask_ratio", "alpha", "layer_decay", "crop_scale", "seed"]
+FIXED_ON_RESUME += ["init"]
 
 
 def save_checkpoint(args, model, opt, epoch, log):
@@ -610,7 +629,9 @@ def load_checkpoint(path, stage):
         raise UsageError(f"{path} is not a mae_vit checkpoint")
     if ckpt["stage"] != stage:
         raise UsageError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} one")
-    model = Classifier(CLASSES[ckpt["args"]["dataset"]]) if stage == "finetune" else MAE()
+    norm_first = ckpt["args"].setdefault("norm_first", True)  # older checkpoints: pre-norm
+    classes = CLASSES[ckpt["args"]["dataset"]]
+    model = Classifier(classes, norm_first) if stage == "finetune" else MAE(norm_first=norm_first)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # "Error(s) in loading state_dict for MAE:\n\tsize mismatch ..."
@@ -632,7 +653,7 @@ def pretrain(args, resume):
     images, labels = load_cifar(args.dataset, args.data_dir, "train", args.device)
     test_images, test_labels = load_cifar(args.dataset, args.data_dir, "test", args.device)
     steps = len(images) // args.batch_size  # fixed shapes: the last partial batch goes
-    model = MAE(args.mask_ratio, args.alpha).to(args.device)
+    model = MAE(args.mask_ratio, args.alpha, args.norm_first).to(args.device)
     compiled = maybe_compile(model, args)
     encoder = maybe_compile(model.encoder, args)  # k-NN's, in eval mode
     generator = torch.Generator().manual_seed(args.seed)  # test masks, the same at each checkpoint
@@ -659,7 +680,7 @@ def pretrain(args, resume):
 
 def finetune(args, resume, init):
     """§3.3, Table 2: the encoder, pre-trained (--init) or from scratch, and a linear head."""
-    model = Classifier(CLASSES[args.dataset])
+    model = Classifier(CLASSES[args.dataset], args.norm_first)
     if init:  # its encoder.* weights; the decoder's are left behind (checked: load_checkpoint)
         model.load_state_dict(init["model"], strict=False)
         print(f"init: the encoder pre-trained in {args.init}")
@@ -702,7 +723,7 @@ def finetune(args, resume, init):
 def evaluate_checkpoint(args, checkpoint):
     """--stage eval: a fine-tuned classifier's top-1 accuracy and loss on the test split."""
     images, labels = load_cifar(args.dataset, args.data_dir, "test", args.device)
-    model = Classifier(CLASSES[args.dataset]).to(args.device)
+    model = Classifier(CLASSES[args.dataset], args.norm_first).to(args.device)
     model.load_state_dict(checkpoint["model"])
     result = evaluate_classifier(maybe_compile(model, args), images, labels, args)
     write_file(os.path.join(args.out, "metrics.jsonl"), (json.dumps(result) + "\n").encode())
@@ -711,24 +732,15 @@ def evaluate_checkpoint(args, checkpoint):
 
 # ==== Speed only: attention kernels and --stage bench; the math is the same ====================
 
-# FlexAttention at 145 tokens, with the tiles that were fastest on an H200 with torch 2.11 (flash
-# attention's 128-query tiles would pad 145 tokens to 256). A CUDA test checks the kernels.
-FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
-flex_attention = None
-if torch.__version__ >= "2.11":  # a TorchVersion: compared as a version, not as text
-    from torch.nn.attention.flex_attention import flex_attention
 
-
-def attention(q, k, v):
-    """softmax(q k^T / 8) v, each (B, 3, N, 64). In bf16 on a GPU: 37 tokens (pre-training's
-    encoder) by the memory-efficient kernel, 145 by FlexAttention when compiled; else PyTorch's."""
-    if q.is_cuda and q.dtype != torch.float32:
-        if q.shape[2] <= 64:
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                return F.scaled_dot_product_attention(q, k, v)
-        if flex_attention is not None and torch.compiler.is_compiling():
-            return flex_attention(q, k, v, kernel_options=FLEX_TILES)
-    return F.scaled_dot_product_attention(q, k, v)
+def attention(q, k, v, dropout):
+    """softmax(q k^T / 8) v, each (B, 3, N, 64), with `dropout` on the weights (§3.1). Under AMP on
+    a GPU, up to 64 tokens (pre-training's encoder sees 37) by the memory-efficient kernel, which
+    was faster there than flash attention's 128-token tiles; else the kernel PyTorch picks."""
+    if q.is_cuda and q.dtype != torch.float32 and q.shape[2] <= 64:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
 
 
 def bench(args):
@@ -736,10 +748,8 @@ def bench(args):
     k-NN's seconds at a checkpoint, MACs, parameters and the recipe's projected training time."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    pretrain_batch = PRETRAIN["batch_size"]
-    finetune_batch = FINETUNE["batch_size"]
-    if args.batch_size:
-        pretrain_batch = finetune_batch = args.batch_size
+    pretrain_batch = args.batch_size or PRETRAIN["batch_size"]
+    finetune_batch = args.batch_size or FINETUNE["batch_size"]
     images = torch.randint(0, 256, (4 * pretrain_batch, 3, 32, 32), dtype=torch.uint8).to(device)
     labels = torch.randint(0, 10, (len(images),), device=device)
 
@@ -757,11 +767,11 @@ def bench(args):
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    mae = MAE().to(device)
+    mae = MAE(norm_first=args.norm_first).to(device)
     step_loss = functools.partial(pretrain_loss, maybe_compile(mae, args), PRETRAIN["crop_scale"])
     batch = images[:pretrain_batch]
     pretrain_ips = images_per_second(mae, PRETRAIN, step_loss, batch, pretrain_batch)
-    classifier = Classifier(10).to(device)
+    classifier = Classifier(10, args.norm_first).to(device)
     compiled = maybe_compile(classifier, args)
     step_loss = functools.partial(finetune_loss, compiled, FINETUNE["crop_scale"])
     batch = (images[:finetune_batch], labels[:finetune_batch])
@@ -776,7 +786,8 @@ def bench(args):
     knn_seconds = (time.perf_counter() - start) * 60_000 / (len(images) + pretrain_batch)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         classifier(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
-    macs = counter.get_total_flops() / 2  # 0.62 G; Table 3's 0.26 G leaves attention out (Block)
+    # 0.62 G; Table 3's 0.26 G leaves out the whole attention module, projections included
+    macs = counter.get_total_flops() / 2
     pretrain_hours = PRETRAIN["epochs"] * 50_000 / pretrain_ips / 3600
     finetune_hours = FINETUNE["epochs"] * 50_000 / finetune_ips / 3600
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -822,8 +833,10 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="epochs between checkpoints (default 20)")
     p.add_argument("--seed", type=int, help="§3's one seed of a run (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where there is one)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on a GPU")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16; default: on a GPU")
+    toggle = argparse.BooleanOptionalAction  # --flag and --no-flag
+    p.add_argument("--compile", action=toggle, help="default: on a GPU")
+    p.add_argument("--amp", action=toggle, help="bf16; default: on a GPU")
+    p.add_argument("--norm-first", action=toggle, help="pre-norm (default) or post-norm (§3.1)")
     p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1))
     args = p.parse_args(argv)
     if args.crop_scale is not None:
@@ -873,6 +886,10 @@ def check_args(args):
     elif args.init:  # eval: the run's data
         init = load_checkpoint(args.init, "finetune")
         run = dict(dataset=init["args"]["dataset"], data_dir=init["args"]["data_dir"])
+    if init:  # the layer is part of the model: the checkpoint's builds it
+        run["norm_first"] = init["args"]["norm_first"]
+        if args.norm_first not in (None, run["norm_first"]):
+            raise UsageError(f"{args.init} has norm_first={run['norm_first']}; leave the flag out")
     recipe = {"pretrain": PRETRAIN, "finetune": FINETUNE}.get(args.stage, {})
     for key, value in {**COMMON, **recipe, **run}.items():
         if getattr(args, key) is None:
@@ -914,6 +931,7 @@ def main(argv=None):
         resume, init = check_args(args)
         torch.manual_seed(args.seed)
         if torch.device(args.device).type == "cuda":
+            torch.cuda.set_device(args.device)  # pinned copies and compilation use it too
             torch.set_float32_matmul_precision("high")  # a choice: TF32 matmuls in fp32 runs
             # Not cuDNN attention: it has been wrong at lengths not multiples of 128 (37, 145)
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -932,12 +950,9 @@ def main(argv=None):
         print(f"error: out of memory (--batch-size {args.batch_size}); try less", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole, so the last one is good
-        message = "interrupted"
-        if args.stage in ("pretrain", "finetune"):
-            message += (
-                f"; to go on: python mae_vit.py --stage {args.stage} --out {args.out} --resume"
-            )
-        print(message, file=sys.stderr)
+        command = f"python mae_vit.py --stage {args.stage} --out {args.out} --resume"
+        go_on = f"; to go on: {command}" if args.stage in ("pretrain", "finetune") else ""
+        print(f"interrupted{go_on}", file=sys.stderr)
         return 130
     summary = dict(stage=args.stage, dataset=args.dataset, epochs=args.epochs, **result)
     print(json.dumps(dict(summary, out=args.out)))

@@ -99,11 +99,12 @@ offline_cifar()  # for every test in this process
 # `python mae_vit.py ARGS`, as a user runs it, but with offline_cifar() applied first.
 # Python's own Ctrl-C handler is installed too: a process started from a script in the background
 # (`pytest &`) inherits SIGINT ignored, where a terminal's has it.
+SCRIPT = os.path.join(HERE, "mae_vit.py")
 LAUNCH = [
     "-c",
-    "import sys, signal, runpy, test_mae_vit; test_mae_vit.offline_cifar(); "
-    "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'mae_vit.py'; "
-    "runpy.run_path('mae_vit.py', run_name='__main__')",
+    f"import sys; sys.path.insert(0, {HERE!r}); import signal, runpy, test_mae_vit; "
+    "test_mae_vit.offline_cifar(); signal.signal(signal.SIGINT, signal.default_int_handler); "
+    f"sys.argv[0] = 'mae_vit.py'; runpy.run_path({SCRIPT!r}, run_name='__main__')",
 ]
 
 
@@ -124,7 +125,6 @@ def run_cli(*args, check=True):
         [sys.executable, *LAUNCH, *cli(*args)],
         capture_output=True,
         text=True,
-        cwd=HERE,
         timeout=300,
     )
     if check:
@@ -155,6 +155,13 @@ def data(tmp_path_factory):
 
 
 TINY = cli("--epochs 2 --warmup-epochs 1 --batch-size 8 --num-workers 0")
+
+
+@pytest.fixture(autouse=True)
+def own_current_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty current folder of its own, so that a user's runs/ or data/ in the
+    checkout never changes a result, and no test writes there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 # ---------------------------------------------------------------- patchifier (§3)
@@ -201,16 +208,9 @@ def test_block_is_relu_mlp_and_dropout_only_in_training():
     assert not torch.equal(block(x), block(x))
 
 
-def test_block_is_pytorchs_pre_norm_encoder_layer_with_its_default_init():
-    """§3.1 names PyTorch's defaults. With the same weights, Block (eval mode) computes what
-    nn.TransformerEncoderLayer(norm_first=True, ReLU, 384) does, and its weights start from
-    the same distributions: nn.MultiheadAttention's and nn.Linear's."""
-    torch.manual_seed(0)
-    block = M.Block().eval()
-    layer = nn.TransformerEncoderLayer(
-        192, 3, 384, dropout=0.1, activation="relu", batch_first=True, norm_first=True
-    ).eval()
-    pairs = [
+def same_weights(block, layer):
+    """Block's parameters beside nn.TransformerEncoderLayer's, in the same order."""
+    return [
         (layer.self_attn.in_proj_weight, block.qkv.weight),
         (layer.self_attn.in_proj_bias, block.qkv.bias),
         (layer.self_attn.out_proj.weight, block.proj.weight),
@@ -224,6 +224,18 @@ def test_block_is_pytorchs_pre_norm_encoder_layer_with_its_default_init():
         (layer.norm2.weight, block.norm2.weight),
         (layer.norm2.bias, block.norm2.bias),
     ]
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_block_is_pytorchs_encoder_layer_with_its_default_init(norm_first):
+    """§3.1 names PyTorch's defaults. With the same weights, Block(norm_first) computes what
+    nn.TransformerEncoderLayer(192, 3, 384, 0.1, norm_first) does, in eval mode exactly and in
+    training mode under the same seed (dropout at the same four places), and its weights start
+    from the same distributions: nn.MultiheadAttention's and nn.Linear's."""
+    torch.manual_seed(0)
+    block = M.Block(norm_first)
+    layer = nn.TransformerEncoderLayer(192, 3, 384, 0.1, batch_first=True, norm_first=norm_first)
+    pairs = same_weights(block, layer)
     assert len(pairs) == len(list(layer.parameters())) == len(list(block.parameters()))
     for theirs, ours in pairs:  # same defaults: equal where constant, same range where random
         assert theirs.shape == ours.shape
@@ -233,40 +245,72 @@ def test_block_is_pytorchs_pre_norm_encoder_layer_with_its_default_init():
         for theirs, ours in pairs:
             theirs.copy_(ours)
     x = torch.randn(2, 145, 192)
-    assert torch.allclose(block(x), layer(x), atol=1e-5)
-    assert M.Encoder().pos_embed.std().item() == pytest.approx(
-        1.0, abs=0.02
-    )  # nn.Embedding's N(0, 1)
+    assert torch.equal(block.eval()(x), layer.eval()(x))
+    post = M.Block(not norm_first).eval()
+    post.load_state_dict(block.state_dict())  # the same weights, strictly: only the flag differs
+    assert not torch.allclose(post(x), block(x), atol=1e-2)
+    # Training mode: PyTorch draws its first dropout's mask on a (N, B, D) layout, so one image
+    x = x[:1]
+    outputs = []
+    for module in (block.train(), layer.train()):
+        torch.manual_seed(1)
+        outputs.append(module(x))
+    assert torch.equal(*outputs)
+    assert M.Encoder().pos_embed.std().item() == pytest.approx(1.0, abs=0.02)  # nn.Embedding's
+
+
+def test_dropout_acts_on_the_attention_weights_in_training_only(monkeypatch):
+    """With v all ones, softmax's weights summing to 1 give outputs of exactly 1; dropping 10%
+    of the weights (the rest scaled by 1 / 0.9) gives outputs of 1 on average, not each. A Block
+    asks for that dropout in training mode and for none in eval mode."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 37, 64)
+    v = torch.ones(4, 3, 37, 64)
+    assert torch.allclose(M.attention(q, k, v, 0.0), v)
+    dropped = M.attention(q, k, v, 0.1)
+    assert not torch.allclose(dropped, v, atol=1e-2)
+    assert dropped.mean().item() == pytest.approx(1.0, abs=0.01)
+    asked = []
+
+    def spy(q, k, v, dropout):
+        asked.append(dropout)
+        return M.F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+
+    monkeypatch.setattr(M, "attention", spy)
+    block = M.Block()
+    x = torch.randn(2, 7, 192)
+    block.train()(x)
+    block.eval()(x)
+    assert asked == [0.1, 0.0]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @cuda
-def test_cuda_attention_kernels_agree_with_the_math_kernel():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_attention_kernels_agree_with_the_math_kernel(dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
     compiled = torch.compile(M.attention, dynamic=False)
-    for n in (37, 145):  # memory-efficient; flash, or when compiled FlexAttention with FLEX_TILES
+    for n in (37, 145):  # the memory-efficient kernel; PyTorch's pick (flash where it runs)
         q, k, v, grad = torch.randn(4, 64, 3, n, 64, device="cuda")
         exact = [t.clone().requires_grad_() for t in (q, k, v)]
         with sdpa_kernel(SDPBackend.MATH):
             out = F.scaled_dot_product_attention(*exact)
         out.backward(grad)
         for attention in (M.attention, compiled):
-            fast = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-            o = attention(*fast)
-            o.backward(grad.bfloat16())
+            fast = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            o = attention(*fast, 0.0)
+            o.backward(grad.to(dtype))
             for a, b in zip([o, *(t.grad for t in fast)], [out, *(t.grad for t in exact)]):
                 assert (a.float() - b).norm() / b.norm() < 1e-2, n  # bf16: ~5e-3
-        if n == 145 and M.flex_attention is not None:  # compiled, it really is FlexAttention
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                compiled(*fast)
-                torch.cuda.synchronize()
-            assert any("flex_attention" in e.key for e in prof.key_averages())
+            ones = torch.ones_like(fast[2])  # dropout on the weights: outputs 1 on average
+            dropped = attention(fast[0], fast[1], ones, 0.1).float()
+            assert dropped.std().item() > 0.01 and abs(dropped.mean().item() - 1) < 0.01, n
         with sdpa_kernel(SDPBackend.MATH):  # fp32 obeys an outer choice (the bench's reference)
-            assert torch.equal(M.attention(q, k, v), out.detach()), n
+            assert torch.equal(M.attention(q, k, v, 0.0), out.detach()), n
 
 
 # ---------------------------------------------------------------- masking, encoder, decoder (§2)
@@ -423,6 +467,7 @@ def test_default_recipe_is_tables_1_and_2():
         M.check_args(args)
         assert {k: getattr(args, k) for k in expected} == expected, stage
         assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and not args.amp
+        assert args.norm_first is True  # pre-norm: see NORM_FIRST
         assert args.save_every == 20 and args.data_dir == "./data"
         assert (
             args.crop_scale == {"pretrain": (0.6, 1.0), "finetune": (0.8, 1.0)}[stage]
@@ -895,7 +940,7 @@ BENCH_KEYS = {
 
 
 def test_bench_reports_true_macs(capsys):
-    s, _ = run_main(capsys, "--stage bench --device cpu --batch-size 2 --num-workers 0 --amp")
+    s, _ = run_main(capsys, "--stage bench --device cpu --batch-size 2 --num-workers 0 --no-amp")
     assert BENCH_KEYS <= set(s)
     assert s["macs_per_image"] / 1e9 == pytest.approx(0.616, abs=0.005)  # true MACs, not 0.26
     assert s["parameters"] == 3_636_490 and s["compiled_graphs"] == 0  # not compiled on the CPU
@@ -903,7 +948,7 @@ def test_bench_reports_true_macs(capsys):
         assert s[key] > 0
     hours = 4000 * 50_000 / s["pretrain_img_per_s"] + 300 * 50_000 / s["finetune_img_per_s"]
     assert s["projected_recipe_hours"] == pytest.approx(hours / 3600)
-    assert s["torch"] == torch.__version__ and s["device"] == "cpu" and s["amp"] is True
+    assert s["torch"] == torch.__version__ and s["device"] == "cpu" and s["amp"] is False
 
 
 # ---------------------------------------------------------------- long runs: resume, Ctrl-C, guards
@@ -992,7 +1037,6 @@ def test_ctrl_c_from_the_terminal_is_one_line_and_exit_130(data, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=HERE,
         start_new_session=True,
     )
     checkpoint, deadline = os.path.join(out, "checkpoint.pth"), time.time() + 120
@@ -1407,6 +1451,15 @@ BAD = {
     ),
     "no dataset": ("finetune --epochs 1", "needs --dataset cifar10 or cifar100"),
     "eval without init": ("eval --dataset cifar10", "--stage eval needs --init"),
+    "init of other layers": (
+        "finetune --dataset cifar10 --init {pre} --no-norm-first",
+        "pre/checkpoint.pth has norm_first=True; leave the flag out",
+    ),
+    "eval of other layers": ("eval --init {ft} --no-norm-first", "has norm_first=True"),
+    "resume with other layers": (
+        "pretrain --out {used}/pre --resume --no-norm-first",
+        "--norm-first False conflicts with the run in",
+    ),
 }
 
 
@@ -1504,6 +1557,42 @@ def test_eval_default_out_and_no_overwrite(checkpoints, data, tmp_path, monkeypa
         M.main(cli("--stage eval --init", checkpoints["ft"], "--data-dir", data)) == 2
     )  # no overwrite
     assert "runs/eval-cifar10 has a run (metrics.jsonl)" in capsys.readouterr().err
+
+
+def test_post_norm_comes_from_the_checkpoint_on_resume_finetune_and_eval(data, tmp_path, capsys):
+    """--no-norm-first is part of the model: given once, to pre-training, it is saved, kept on
+    --resume, and builds the fine-tuned and the evaluated classifier without being given again.
+    Checkpoints from before the flag hold pre-norm layers."""
+    pre = str(tmp_path / "pre")
+    ft = str(tmp_path / "ft")
+    base = cli("--dataset cifar10 --data-dir", data, "--batch-size 10 --num-workers 0")
+    run_main(capsys, "--stage pretrain --out", pre, *base, "--epochs 1 --no-norm-first")
+    _, out = run_main(capsys, "--stage pretrain --out", pre, "--resume --epochs 2")
+    assert '"norm_first": false' in out
+    init = os.path.join(pre, "checkpoint.pth")
+    _, out = run_main(capsys, "--stage finetune --out", ft, "--init", init, *base, "--epochs 1")
+    assert '"norm_first": false' in out
+    tuned = os.path.join(ft, "checkpoint.pth")
+    checkpoint = torch.load(tuned, weights_only=True)
+    assert checkpoint["args"]["norm_first"] is False
+    evaluated, _ = run_main(capsys, "--stage eval --out", str(tmp_path / "ev"), "--init", tuned)
+    # The weights measured with each layer: eval's figure and fine-tuning's are post-norm's
+    images, labels = M.load_cifar("cifar10", data, "test")
+    args = SimpleNamespace(device="cpu", amp=False)
+    losses = {}
+    for norm_first in (True, False):
+        model = M.Classifier(10, norm_first)
+        model.load_state_dict(checkpoint["model"])
+        losses[norm_first] = M.evaluate_classifier(model, images, labels, args)["test_loss"]
+    assert evaluated["test_loss"] == pytest.approx(losses[False], rel=1e-5)
+    assert metrics(ft)[-1]["test_loss"] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[True] != pytest.approx(losses[False], rel=1e-3)
+    del checkpoint["args"]["norm_first"]  # as written before the flag
+    old = str(tmp_path / "old.pth")
+    torch.save(checkpoint, old)
+    args = M.parse_args(cli("--stage eval --init", old))
+    M.check_args(args)
+    assert args.norm_first is True
 
 
 def fake_gpu(monkeypatch, capability):
