@@ -171,8 +171,9 @@ class Encoder(nn.Module):
         # embeds to 0, so the token is its position pos_embed[144]: in effect a learned [CLS].
         dummy = patches.new_zeros(patches.shape[0], 1, PATCH_DIM)
         x = self.patch_embed(torch.cat([patches, dummy], 1))  # (B, 145, 192)
-        # A speed choice: positions join in the embedding's dtype, so under bf16 autocast (a GPU)
-        # the residual stream is bf16; MAE's and timm's fp32 positions keep it fp32.
+        # A speed choice: positions join in the embedding's dtype, so under autocast the residual
+        # stream is bf16 or fp16 (pre-norm; post-norm's LayerNorms give fp32). MAE's and timm's
+        # fp32 positions keep it fp32.
         x = x + self.pos_embed.to(x.dtype)
         if keep is not None:  # pre-training: the masked patches are left out
             x = x.gather(1, keep[:, :, None].expand(-1, -1, DIM))  # (B, 37, 192)
@@ -430,8 +431,9 @@ def run_batches(n, batch_size, seed, epochs, first_epoch=0):
 
 
 def autocast(args):
-    """bf16 autocast where --amp is on; weights, AdamW's states and the loss stay fp32."""
-    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
+    """Autocast to --amp's bf16 or fp16 ("off": none); weights, AdamW's states, loss stay fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def pretrain_loss(mae, crop_scale, images):
@@ -444,17 +446,20 @@ def finetune_loss(classifier, crop_scale, batch):
     """Fine-tuning's step: cross-entropy, and correct predictions counted on the device."""
     images, labels = batch
     logits = classifier(crop_flip_normalize(images, crop_scale))
-    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum()
+    return F.cross_entropy(logits.float(), labels), (logits.argmax(1) == labels).sum()
 
 
-def train_step(opt, step_loss, batch, lr, args):
+def train_step(opt, scaler, step_loss, batch, lr, args):
     """One AdamW step at learning rate `lr`. Loss and count stay on the device: no host sync."""
     for group in opt.param_groups:
         group["lr"] = lr * group["lr_scale"]  # §3.3's layer-wise decay
     with autocast(args):
         loss, correct = step_loss(batch)
-    loss.backward()
-    opt.step()
+    # fp16's loss scaling (GradScaler; else these are plain backward and step): gradients too
+    # small for fp16 survive, and a step whose gradients overflow is skipped and the scale halved
+    scaler.scale(loss).backward()
+    scaler.step(opt)  # a fused AdamW reads the scale and the overflow flag on the device
+    scaler.update()
     opt.zero_grad(set_to_none=True)
     return loss.detach(), correct
 
@@ -466,6 +471,7 @@ def train(args, model, step_loss, batches, steps, resume, evaluate):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set")
     device = torch.device(args.device)
     opt = make_optimizer(model, args.weight_decay, args.layer_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     peak = peak_lr(args.base_lr, args.batch_size)
     warmup_steps = args.warmup_epochs * steps
     total_steps = args.epochs * steps
@@ -476,6 +482,8 @@ def train(args, model, step_loss, batches, steps, resume, evaluate):
     if resume:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):  # an fp16 run's
+            scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and resume["rng_cuda"] is not None:  # saved on a GPU too
             torch.cuda.set_rng_state(resume["rng_cuda"], device)
@@ -489,7 +497,7 @@ def train(args, model, step_loss, batches, steps, resume, evaluate):
         for b, batch in enumerate(batches(epoch)):
             step = epoch * steps + b
             lr = learning_rate(step, peak, warmup_steps, total_steps, args.min_lr)
-            loss, correct = train_step(opt, step_loss, batch, lr, args)
+            loss, correct = train_step(opt, scaler, step_loss, batch, lr, args)
             loss_sum += loss
             if correct is not None:
                 correct_sum += correct
@@ -515,7 +523,7 @@ def train(args, model, step_loss, batches, steps, resume, evaluate):
             shown.append(f"ETA {datetime.timedelta(seconds=int(left))}")
         print(" | ".join(shown), flush=True)
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save_checkpoint(args, model, opt, epoch + 1, log)
+            save_checkpoint(args, model, opt, scaler, epoch + 1, log)
     return log
 
 
@@ -584,15 +592,16 @@ def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, 
 # ==== Checkpoints and logs: plain values, each file written whole or not at all ================
 
 CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "args", "log", "rng_cpu", "rng_cuda"}
-# What a resumed run keeps: another value is refused (it may change epochs, save_every, data_dir)
+# Kept on --resume, another value refused; epochs, save_every, data_dir may change, amp if given
 FIXED_ON_RESUME = ["dataset", "norm_first", "batch_size", "base_lr", "weight_decay", "min_lr"]
 FIXED_ON_RESUME += ["warmup_epochs", "mask_ratio", "alpha", "layer_decay", "crop_scale", "seed"]
 FIXED_ON_RESUME += ["init"]
 
 
-def save_checkpoint(args, model, opt, epoch, log):
+def save_checkpoint(args, model, opt, scaler, epoch, log):
     """At an epoch's end: what an exact resume needs, in plain values (weights_only=True)."""
     state = dict(stage=args.stage, model=model.state_dict(), optimizer=opt.state_dict())
+    state["scaler"] = scaler.state_dict()  # empty but under fp16
     state.update(epoch=epoch, args=vars(args), log=log, rng_cpu=torch.get_rng_state())
     cuda = torch.device(args.device).type == "cuda"
     state["rng_cuda"] = torch.cuda.get_rng_state(args.device) if cuda else None
@@ -630,6 +639,8 @@ def load_checkpoint(path, stage):
     if ckpt["stage"] != stage:
         raise UsageError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} one")
     norm_first = ckpt["args"].setdefault("norm_first", True)  # older checkpoints: pre-norm
+    if isinstance(ckpt["args"].get("amp"), bool):  # older checkpoints: bf16 on or off
+        ckpt["args"]["amp"] = "bf16" if ckpt["args"]["amp"] else "off"
     classes = CLASSES[ckpt["args"]["dataset"]]
     model = Classifier(classes, norm_first) if stage == "finetune" else MAE(norm_first=norm_first)
     try:
@@ -755,13 +766,14 @@ def bench(args):
 
     def images_per_second(model, recipe, step_loss, batch, batch_size):
         opt = make_optimizer(model, recipe["weight_decay"], recipe["layer_decay"], device)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         for _ in range(2):  # they compile
-            loss, _ = train_step(opt, step_loss, batch, 1e-4, args)
+            loss, _ = train_step(opt, scaler, step_loss, batch, 1e-4, args)
         loss.item()  # waits for the device
         start = time.perf_counter()
         repeats = 50 if cuda else 5
         for _ in range(repeats):
-            loss, _ = train_step(opt, step_loss, batch, 1e-4, args)
+            loss, _ = train_step(opt, scaler, step_loss, batch, 1e-4, args)
         loss.item()
         return batch_size * repeats / (time.perf_counter() - start)
 
@@ -835,7 +847,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where there is one)")
     toggle = argparse.BooleanOptionalAction  # --flag and --no-flag
     p.add_argument("--compile", action=toggle, help="default: on a GPU")
-    p.add_argument("--amp", action=toggle, help="bf16; default: on a GPU")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="bf16 (fp16 below 8.0); CPU: off")
     p.add_argument("--norm-first", action=toggle, help="pre-norm (default) or post-norm (§3.1)")
     p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1))
     args = p.parse_args(argv)
@@ -879,7 +891,7 @@ def check_args(args):
                     f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in "
                     f"{args.out}; on --resume only --epochs, --save-every, --data-dir may change"
                 )
-        for key in [*FIXED_ON_RESUME, "epochs", "data_dir", "save_every"]:
+        for key in [*FIXED_ON_RESUME, "epochs", "data_dir", "save_every", "amp"]:
             run[key] = resume["args"][key]
     elif args.init and args.stage == "finetune":
         init = load_checkpoint(args.init, "pretrain")
@@ -915,13 +927,16 @@ def check_args(args):
     for name in ("checkpoint.pth", "metrics.jsonl"):
         if args.out and not args.resume and os.path.exists(os.path.join(args.out, name)):
             raise UsageError(f"--out {args.out} has a run ({name}); use another --out")
-    # On a GPU: torch.compile (Triton) from compute capability 7.0, fast bf16 from 8.0. Eval
-    # passes over the test set once, which compiling would not repay.
+    # On a GPU: torch.compile (Triton) from compute capability 7.0, fast bf16 from 8.0; below it
+    # (T4, V100, P100) fp16, which their tensor cores run. Eval passes over the test set once,
+    # which compiling would not repay.
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     if args.compile is None:
         args.compile = capability >= (7, 0) and args.stage != "eval"
-    if args.amp is None:
-        args.amp = capability >= (8, 0)
+    if args.amp is None and device.type == "cpu":
+        args.amp = "off"
+    elif args.amp is None:
+        args.amp = "bf16" if capability >= (8, 0) else "fp16"
     return resume, init
 
 

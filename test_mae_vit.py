@@ -466,7 +466,7 @@ def test_default_recipe_is_tables_1_and_2():
         args = M.parse_args(cli("--stage", stage, "--dataset cifar10 --device cpu"))
         M.check_args(args)
         assert {k: getattr(args, k) for k in expected} == expected, stage
-        assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and not args.amp
+        assert args.min_lr == 0.0 and args.seed == 0 and not args.compile and args.amp == "off"
         assert args.norm_first is True  # pre-norm: see NORM_FIRST
         assert args.save_every == 20 and args.data_dir == "./data"
         assert (
@@ -661,11 +661,12 @@ def test_compiled_steps_do_not_recompile():
     clf = M.Classifier(10)
     compiled = torch.compile(clf, backend="eager", dynamic=False)
     opt = M.make_optimizer(clf, 0.05, 0.75, torch.device("cpu"))
-    args = SimpleNamespace(device="cpu", amp=False)
+    args = SimpleNamespace(device="cpu", amp="off")
     y = torch.arange(8) % 10
     for step in range(2):
         loss, correct = M.train_step(
             opt,
+            torch.amp.GradScaler("cpu", enabled=False),
             functools.partial(M.finetune_loss, compiled, (0.8, 1)),
             (images, y),
             1e-3 * step,
@@ -781,7 +782,7 @@ def test_finetuning_logs_train_accuracy_and_test_loss_each_epoch(data, tmp_path,
         torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"]
     )
     images, labels = M.load_cifar("cifar10", data, "test")
-    again = M.evaluate_classifier(model, images, labels, SimpleNamespace(device="cpu", amp=False))
+    again = M.evaluate_classifier(model, images, labels, SimpleNamespace(device="cpu", amp="off"))
     assert again["test_loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
     assert again["test_accuracy"] == rows[-1]["test_accuracy"]
     # and train_accuracy counts the step's own predictions: a model that is always right scores 1
@@ -940,7 +941,7 @@ BENCH_KEYS = {
 
 
 def test_bench_reports_true_macs(capsys):
-    s, _ = run_main(capsys, "--stage bench --device cpu --batch-size 2 --num-workers 0 --no-amp")
+    s, _ = run_main(capsys, "--stage bench --device cpu --batch-size 2 --num-workers 0 --amp off")
     assert BENCH_KEYS <= set(s)
     assert s["macs_per_image"] / 1e9 == pytest.approx(0.616, abs=0.005)  # true MACs, not 0.26
     assert s["parameters"] == 3_636_490 and s["compiled_graphs"] == 0  # not compiled on the CPU
@@ -948,7 +949,7 @@ def test_bench_reports_true_macs(capsys):
         assert s[key] > 0
     hours = 4000 * 50_000 / s["pretrain_img_per_s"] + 300 * 50_000 / s["finetune_img_per_s"]
     assert s["projected_recipe_hours"] == pytest.approx(hours / 3600)
-    assert s["torch"] == torch.__version__ and s["device"] == "cpu" and s["amp"] is False
+    assert s["torch"] == torch.__version__ and s["device"] == "cpu" and s["amp"] == "off"
 
 
 # ---------------------------------------------------------------- long runs: resume, Ctrl-C, guards
@@ -1007,6 +1008,72 @@ def test_a_run_stopped_after_a_checkpoint_and_resumed_equals_an_unbroken_one(
     assert drop_timing == [
         {k: v for k, v in r.items() if k != "images_per_s"} for r in metrics(broken)
     ]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_an_fp16_run_resumed_equals_an_unbroken_one_loss_scaler_included(
+    stage, tmp_path, monkeypatch, capsys
+):
+    """--amp fp16 on the CPU (slow there: a few small steps). The loss scaler's state is in the
+    checkpoint, so a run stopped after the checkpoint of epoch 1 and resumed ends with the weights
+    and the scaler of an unbroken run. Here the scale doubles after every step without overflow
+    (PyTorch's default waits 2000), so a resume with a fresh scaler would end elsewhere."""
+    growing = functools.partial(torch.amp.GradScaler, growth_interval=1)
+    monkeypatch.setattr(torch.amp, "GradScaler", growing)
+    data = write_cifar(str(tmp_path / "data"), per_batch=1, test=3)  # 5 images: 1 step of 3
+    common = cli(
+        "--stage",
+        stage,
+        "--dataset cifar10 --data-dir",
+        data,
+        "--epochs 2 --warmup-epochs 1 --batch-size 3 --save-every 1 --num-workers 0 --amp fp16",
+    )
+    straight = str(tmp_path / "straight")
+    broken = str(tmp_path / "broken")
+    expected, out = run_main(capsys, *common, "--out", straight)
+    assert '"amp": "fp16"' in out
+    code, _ = interrupted_here([*common, "--out", broken], monkeypatch, capsys, at_step=2)
+    assert code == 130
+    first = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
+    resumed, out = run_main(capsys, "--stage", stage, "--out", broken, "--resume")
+    assert '"amp": "fp16"' in out  # the run's, though the CPU's default is "off"
+    a = torch.load(os.path.join(straight, "checkpoint.pth"), weights_only=True)
+    b = torch.load(os.path.join(broken, "checkpoint.pth"), weights_only=True)
+    assert first["epoch"] == 1 and a["epoch"] == b["epoch"] == 2
+    assert first["scaler"]["scale"] != a["scaler"]["scale"]  # the second step moved it
+    assert a["scaler"] == b["scaler"]
+    assert resumed["final_loss"] == expected["final_loss"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fp16_steps_scale_the_loss_and_skip_an_overflow():
+    """Under --amp fp16 a training step goes through torch.amp.GradScaler, for both stages' losses.
+    A step whose scaled gradients overflow fp16 is skipped (weights and AdamW untouched) and the
+    scale lowered; the next, at the lower scale, is applied; weights and the loss stay fp32."""
+    torch.manual_seed(0)
+    args = SimpleNamespace(device="cpu", amp="fp16")
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)  # one: fp16 is slow here
+    labels = torch.tensor([3])
+    mae = M.MAE()
+    classifier = M.Classifier(10)
+    cases = [
+        (mae, functools.partial(M.pretrain_loss, mae, (0.6, 1.0)), images),
+        (classifier, functools.partial(M.finetune_loss, classifier, (0.8, 1.0)), (images, labels)),
+    ]
+    for model, step_loss, batch in cases:
+        opt = M.make_optimizer(model, 0.05, 1.0, torch.device("cpu"))
+        # a scale of 2^100 overflows any fp16 gradient; the backoff then brings it to 2^10
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loss, _ = M.train_step(opt, scaler, step_loss, batch, 1e-3, args)
+        assert loss.dtype == torch.float32 and math.isfinite(loss.item())  # unscaled
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert not opt.state and scaler.get_scale() == 2.0**10  # AdamW never stepped
+        M.train_step(opt, scaler, step_loss, batch, 1e-3, args)
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+        assert len(moved) > len(before) / 2 and opt.state
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert scaler.get_scale() == 2.0**10  # it grows only after 2000 steps without overflow
 
 
 def test_ctrl_c_from_the_terminal_is_one_line_and_exit_130(data, tmp_path):
@@ -1537,7 +1604,7 @@ def test_pretraining_test_loss_is_eq1_on_the_test_split_masked_from_the_runs_see
     mae = M.MAE()
     mae.load_state_dict(torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"])
     test_images, _ = M.load_cifar("cifar10", data, "test")
-    args = SimpleNamespace(device="cpu", amp=False)
+    args = SimpleNamespace(device="cpu", amp="off")
 
     def test_loss(seed):
         noise = torch.rand(len(test_images), 144, generator=torch.Generator().manual_seed(seed))
@@ -1578,7 +1645,7 @@ def test_post_norm_comes_from_the_checkpoint_on_resume_finetune_and_eval(data, t
     evaluated, _ = run_main(capsys, "--stage eval --out", str(tmp_path / "ev"), "--init", tuned)
     # The weights measured with each layer: eval's figure and fine-tuning's are post-norm's
     images, labels = M.load_cifar("cifar10", data, "test")
-    args = SimpleNamespace(device="cpu", amp=False)
+    args = SimpleNamespace(device="cpu", amp="off")
     losses = {}
     for norm_first in (True, False):
         model = M.Classifier(10, norm_first)
@@ -1588,11 +1655,13 @@ def test_post_norm_comes_from_the_checkpoint_on_resume_finetune_and_eval(data, t
     assert metrics(ft)[-1]["test_loss"] == pytest.approx(losses[False], rel=1e-5)
     assert losses[True] != pytest.approx(losses[False], rel=1e-3)
     del checkpoint["args"]["norm_first"]  # as written before the flag
+    checkpoint["args"]["amp"] = True  # and before --amp took a type
     old = str(tmp_path / "old.pth")
     torch.save(checkpoint, old)
     args = M.parse_args(cli("--stage eval --init", old))
     M.check_args(args)
     assert args.norm_first is True
+    assert M.load_checkpoint(old, "finetune")["args"]["amp"] == "bf16"
 
 
 def fake_gpu(monkeypatch, capability):
@@ -1607,10 +1676,10 @@ def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
     fake_gpu(monkeypatch, (9, 0))
     ev = M.parse_args(cli("--stage eval --init", checkpoints["ft"], "--device cuda"))
     M.check_args(ev)
-    assert ev.compile is False and ev.amp is True
+    assert ev.compile is False and ev.amp == "bf16"
     ft = M.parse_args(cli("--stage finetune --dataset cifar10 --device cuda"))
     M.check_args(ft)
-    assert ft.compile is True and ft.amp is True
+    assert ft.compile is True and ft.amp == "bf16"
     forced = M.parse_args(cli("--stage eval --init", checkpoints["ft"], "--device cuda --compile"))
     M.check_args(forced)
     assert forced.compile is True
@@ -1618,18 +1687,25 @@ def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
 
 @pytest.mark.parametrize(
     "capability, compile, amp",
-    [((9, 0), True, True), ((8, 0), True, True), ((7, 5), True, False), ((6, 0), False, False)],
+    [
+        ((9, 0), True, "bf16"),
+        ((8, 0), True, "bf16"),
+        ((7, 5), True, "fp16"),
+        ((6, 0), False, "fp16"),
+    ],
 )
 def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile, amp):
-    """bf16 autocast by default from Ampere (8.0), torch.compile from Volta (7.0): a T4 or
-    a P100 gets a run that works in fp32 instead of emulated bf16 or a Triton error."""
+    """bf16 autocast by default from Ampere (8.0), fp16 with a loss scaler below it, where tensor
+    cores run fp16 but not bf16 (T4 7.5, V100 7.0, P100 6.0); torch.compile from Volta (7.0): a
+    P100 runs eager instead of meeting a Triton error."""
     fake_gpu(monkeypatch, capability)
     args = M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda"))
     M.check_args(args)
     assert (args.compile, args.amp) == (compile, amp)
-    forced = M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda --amp"))
-    M.check_args(forced)
-    assert forced.amp is True  # an explicit flag is obeyed
+    for forced in ("bf16", "fp16", "off"):  # an explicit choice is obeyed
+        args = M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda --amp", forced))
+        M.check_args(args)
+        assert args.amp == forced
     with pytest.raises(M.UsageError, match=r"has 1 CUDA device\(s\)"):
         M.check_args(M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda:1")))
 
@@ -1751,10 +1827,10 @@ def test_pretraining_logs_knn_accuracy_and_reconstructions_at_checkpoints(tmp_pa
         )  # 8 triplets, 2 a row
 
 
-# ---------------------------------------------------------------- on a CUDA GPU: compiled bf16 runs
+# ---------------------------------------------------------------- on a CUDA GPU: compiled bf16 and fp16 runs
 # `python3 -m pytest -q -k cuda test_mae_vit.py` runs these, and the attention kernels' test above;
 # without a GPU they are skipped. Each run compiles afresh: dynamo's caches are emptied first.
-CUDA_RUN = cli("--device cuda --compile --amp --batch-size 8 --warmup-epochs 1")
+CUDA_RUN = cli("--device cuda --compile --batch-size 8 --warmup-epochs 1")
 
 
 def compiled_run(capsys, *args):
@@ -1769,9 +1845,12 @@ def compiled_run(capsys, *args):
 
 
 @cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_cuda_each_stage_compiles_one_training_graph_and_never_recompiles(stage, tmp_path, capsys):
-    """Two epochs and two evaluations, compiled with bf16 autocast: one graph for the training step and one
+def test_cuda_each_stage_compiles_one_training_graph_and_never_recompiles(
+    stage, amp, tmp_path, capsys
+):
+    """Two epochs and two evaluations, compiled with autocast (and fp16's scaler): one graph for the training step and one
     for the evaluation pass (pre-training's k-NN encoder, fine-tuning's test split), each of one shape (the
     training and test sets both hold 20 images), and no graph break."""
     data = write_cifar(str(tmp_path / "data"), per_batch=4, test=20)  # 20 + 20 images
@@ -1782,7 +1861,8 @@ def test_cuda_each_stage_compiles_one_training_graph_and_never_recompiles(stage,
         data,
         "--out",
         str(tmp_path / "run"),
-        "--epochs 2 --save-every 1 --num-workers 0",
+        "--epochs 2 --save-every 1 --num-workers 0 --amp",
+        amp,
     )
     result, stats, breaks = compiled_run(capsys, *args)
     assert stats["unique_graphs"] == 2, stats
@@ -1793,21 +1873,23 @@ def test_cuda_each_stage_compiles_one_training_graph_and_never_recompiles(stage,
 
 
 @cuda
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_cuda_compiled_bf16_run_stopped_and_resumed_matches_an_unbroken_one(
-    stage, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("stage, amp", [("pretrain", "bf16"), ("finetune", "fp16")])
+def test_cuda_compiled_run_stopped_and_resumed_matches_an_unbroken_one(
+    stage, amp, tmp_path, monkeypatch, capsys
 ):
-    """As on the CPU, with compiled bf16 steps and CUDA's RNG: a run stopped by Ctrl-C after the checkpoint
-    of epoch 2 and resumed ends where an unbroken run ends. CUDA kernels need not be bit-reproducible (the
-    backward of gather and FlexAttention accumulate with atomics), so the resumed run may differ from the
-    unbroken one by no more than two unbroken runs differ from each other (exactly, where they agree)."""
+    """As on the CPU, with compiled bf16 or fp16 steps (fp16's scaler saved) and CUDA's RNG: a run
+    stopped by Ctrl-C after the checkpoint of epoch 2 and resumed ends where an unbroken run ends.
+    CUDA kernels need not be bit-reproducible (the backward of gather and of attention accumulate
+    with atomics), so the resumed run may differ from the unbroken one by no more than two unbroken
+    runs differ from each other (exactly, where they agree)."""
     data = write_cifar(str(tmp_path / "data"), per_batch=6, test=12)  # 30 images: 3 steps of 8
     common = cli(
         "--stage",
         stage,
         "--dataset cifar10 --data-dir",
         data,
-        "--epochs 3 --seed 3 --save-every 2 --num-workers 1",
+        "--epochs 3 --seed 3 --save-every 2 --num-workers 1 --amp",
+        amp,
     )
     runs = {}
     for name in ("straight", "again"):
