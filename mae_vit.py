@@ -946,7 +946,7 @@ def main(argv=None):
         resume, init = check_args(args)
         torch.manual_seed(args.seed)
         if torch.device(args.device).type == "cuda":
-            torch.cuda.set_device(args.device)  # pinned copies and compilation use it too
+            torch.cuda.set_device(torch.device(args.device).index or 0)  # "cuda" is GPU 0
             torch.set_float32_matmul_precision("high")  # a choice: TF32 matmuls in fp32 runs
             # Not cuDNN attention: it has been wrong at lengths not multiples of 128 (37, 145)
             torch.backends.cuda.enable_cudnn_sdp(False)

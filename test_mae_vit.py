@@ -1710,6 +1710,21 @@ def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile
         M.check_args(M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda:1")))
 
 
+def test_main_makes_the_chosen_gpu_the_current_one(monkeypatch, capsys):
+    """Pinned-memory copies and compilation work on the current GPU: main sets it, as an index
+    (torch.cuda.set_device refuses a "cuda" without one)."""
+    fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", print)  # leaves the CPU's alone
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", print)
+    monkeypatch.setattr(M, "bench", lambda args: {})  # the stage itself is not run
+    for device in ("cuda", "cuda:1"):
+        assert M.main(cli("--stage bench --device", device)) == 0
+    assert chosen == [0, 1]
+
+
 def test_the_readme_python_example_runs(checkpoints, tmp_path, monkeypatch, capsys):
     """README.md's "Use it from Python" block, run as written, in a folder laid out as the README's commands leave it."""
     readme = open(os.path.join(HERE, "README.md")).read()
