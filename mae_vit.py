@@ -2,8 +2,8 @@
 topic: J. H. Tan, "Pre-training of Lightweight Vision Transformers on Small Datasets with
 Minimally Scaled Images", 2024 (arXiv:2402.03752). Table 3: 96.41% on CIFAR-10, 78.27% on
 CIFAR-100, each pre-trained on its own set; 3.64 M parameters (3,636,490 here with CIFAR-10's
-head); not yet reproduced here. `--stage bench` at a2aed25 (before attention dropout), one H200,
-torch 2.11, bf16, compiled: 50.5k img/s pre-training, 31.9k fine-tuning; recipe projected: 1.23 h.
+head); not yet reproduced here. `--stage bench` at a2aed25 (FlexAttention, no attention dropout),
+one H200, torch 2.11, bf16, compiled: 50.5k img/s pre-training, 31.9k fine-tuning; 1.23 h projected.
 
     python mae_vit.py --stage pretrain --dataset cifar10     # §3.2, Table 1; then Table 2:
     python mae_vit.py --stage finetune --dataset cifar10 --init runs/pretrain-cifar10/checkpoint.pth
@@ -42,10 +42,10 @@ ENCODER_DEPTH = 12  # §3.1
 DECODER_DEPTH = 4  # §3.1
 MLP_RATIO = 2  # §3.1: the MLP expands 192 -> 384, not ViT's 4x
 DROPOUT = 0.1  # §3.1
-# §3.1 takes init and LayerNorm from "Pytorch's default setup", and all else it states is a default
-# of nn.TransformerEncoderLayer, which is post-norm: --no-norm-first, the literal reading. Pre-norm
-# is the default as it trains: on held-out real images (15 + 6 epochs), post-norm fine-tuned near
-# chance (0.19; pre-norm 0.747, 0.606 from scratch). Post-norm needs lower lrs or longer warm-ups.
+# §3.1's ReLU, dropout 0.1, biases, init and LayerNorm ("Pytorch's default setup") are defaults
+# of nn.TransformerEncoderLayer, which is post-norm: --no-norm-first, a literal reading. Pre-norm
+# (ViT's, MAE's) is the default as it trains: after 15 + 6 epochs on a small real-image set,
+# post-norm fine-tuned to 0.19 test accuracy (chance 0.10), pre-norm 0.747 (0.606 unpretrained).
 NORM_FIRST = True
 MEAN = 0.5  # Tables 1-2: colour normalization, every channel
 STD = 0.5
@@ -98,10 +98,10 @@ def unpatchify(patches):
 
 
 class Block(nn.Module):
-    """One transformer layer (§3.1, Figure 2): nn.TransformerEncoderLayer(192, 3, 384, 0.1) written
-    out, for §3.1 names only its defaults: ReLU, dropout 0.1 (on the attention weights, after the
-    attention, after the ReLU, after the MLP), biases, its init and its LayerNorm. norm_first:
-    LayerNorm before each sublayer (pre-norm), else after each residual addition (post-norm)."""
+    """One transformer layer (§3.1, Figure 2): nn.TransformerEncoderLayer(192, 3, 384, 0.1,
+    batch_first=True, norm_first=norm_first) written out; §3.1's ReLU, biases, init and LayerNorm
+    are its defaults. Dropout acts on the attention weights and output, after the ReLU and the MLP.
+    norm_first: LayerNorm before each sublayer (pre-norm), else after each residual addition."""
 
     def __init__(self, norm_first=NORM_FIRST):
         super().__init__()
@@ -121,7 +121,7 @@ class Block(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, HEADS, D // HEADS)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, HEADS, N, 64)
-        dropout = DROPOUT if self.training else 0.0  # on the attention weights
+        dropout = DROPOUT if self.training else 0.0  # on the weights; SDPA has no eval mode
         heads = attention(q, k, v, dropout)  # (B, HEADS, N, 64); which kernel: see "Speed only"
         out = self.proj(heads.transpose(1, 2).reshape(B, N, D))
         return F.dropout(out, DROPOUT, self.training)
@@ -142,7 +142,7 @@ class Block(nn.Module):
 def random_masking(noise, mask_ratio):
     """§2: masks `mask_ratio` of each image's 144 patches, uniformly, without replacement: those
     with the smallest (B, 144) uniform `noise` stay visible; the dummy is never masked (a choice).
-    Returns keep (B, 37): the tokens the encoder sees, the dummy's 144 last; restore (B, 144):
+    Returns keep (B, 37): the tokens the encoder sees, the dummy (index 144) last; restore (B, 144):
     puts [visible, masked] back in image order; mask (B, 144): 1 where a patch is masked."""
     num_keep = int(NUM_PATCHES * (1 - mask_ratio))  # 36 for 0.75
     shuffle = noise.argsort(1)  # a random permutation of the patches
@@ -171,9 +171,8 @@ class Encoder(nn.Module):
         # embeds to 0, so the token is its position pos_embed[144]: in effect a learned [CLS].
         dummy = patches.new_zeros(patches.shape[0], 1, PATCH_DIM)
         x = self.patch_embed(torch.cat([patches, dummy], 1))  # (B, 145, 192)
-        # A speed choice: positions join in the embedding's dtype, so under autocast the residual
-        # stream is bf16 or fp16 (pre-norm; post-norm's LayerNorms give fp32). MAE's and timm's
-        # fp32 positions keep it fp32.
+        # A speed choice: positions join in the embedding's dtype, so under autocast a pre-norm
+        # stream is bf16 or fp16 (post-norm's LayerNorms give fp32); MAE's, timm's fp32 keep fp32.
         x = x + self.pos_embed.to(x.dtype)
         if keep is not None:  # pre-training: the masked patches are left out
             x = x.gather(1, keep[:, :, None].expand(-1, -1, DIM))  # (B, 37, 192)
@@ -455,8 +454,7 @@ def train_step(opt, scaler, step_loss, batch, lr, args):
         group["lr"] = lr * group["lr_scale"]  # §3.3's layer-wise decay
     with autocast(args):
         loss, correct = step_loss(batch)
-    # fp16's loss scaling (GradScaler; else these are plain backward and step): gradients too
-    # small for fp16 survive, and a step whose gradients overflow is skipped and the scale halved
+    # GradScaler (fp16; else plain backward, step): an overflowing step is skipped, the scale halved
     scaler.scale(loss).backward()
     scaler.step(opt)  # a fused AdamW reads the scale and the overflow flag on the device
     scaler.update()
@@ -592,7 +590,7 @@ def knn_accuracy(encoder, train_images, train_labels, test_images, test_labels, 
 # ==== Checkpoints and logs: plain values, each file written whole or not at all ================
 
 CHECKPOINT_KEYS = {"stage", "model", "optimizer", "epoch", "args", "log", "rng_cpu", "rng_cuda"}
-# Kept on --resume, another value refused; epochs, save_every, data_dir may change, amp if given
+# Fixed on --resume (another value is refused); epochs, save_every, data_dir, amp may change
 FIXED_ON_RESUME = ["dataset", "norm_first", "batch_size", "base_lr", "weight_decay", "min_lr"]
 FIXED_ON_RESUME += ["warmup_epochs", "mask_ratio", "alpha", "layer_decay", "crop_scale", "seed"]
 FIXED_ON_RESUME += ["init"]
@@ -601,7 +599,7 @@ FIXED_ON_RESUME += ["init"]
 def save_checkpoint(args, model, opt, scaler, epoch, log):
     """At an epoch's end: what an exact resume needs, in plain values (weights_only=True)."""
     state = dict(stage=args.stage, model=model.state_dict(), optimizer=opt.state_dict())
-    state["scaler"] = scaler.state_dict()  # empty but under fp16
+    state["scaler"] = scaler.state_dict()  # {} unless --amp fp16
     state.update(epoch=epoch, args=vars(args), log=log, rng_cpu=torch.get_rng_state())
     cuda = torch.device(args.device).type == "cuda"
     state["rng_cuda"] = torch.cuda.get_rng_state(args.device) if cuda else None
@@ -638,7 +636,7 @@ def load_checkpoint(path, stage):
         raise UsageError(f"{path} is not a mae_vit checkpoint")
     if ckpt["stage"] != stage:
         raise UsageError(f"{path} is a {ckpt['stage']} checkpoint, not a {stage} one")
-    norm_first = ckpt["args"].setdefault("norm_first", True)  # older checkpoints: pre-norm
+    norm_first = ckpt["args"].setdefault("norm_first", True)  # older: pre-norm, no attn. dropout
     if isinstance(ckpt["args"].get("amp"), bool):  # older checkpoints: bf16 on or off
         ckpt["args"]["amp"] = "bf16" if ckpt["args"]["amp"] else "off"
     classes = CLASSES[ckpt["args"]["dataset"]]
@@ -745,9 +743,9 @@ def evaluate_checkpoint(args, checkpoint):
 
 
 def attention(q, k, v, dropout):
-    """softmax(q k^T / 8) v, each (B, 3, N, 64), with `dropout` on the weights (§3.1). Under AMP on
-    a GPU, up to 64 tokens (pre-training's encoder sees 37) by the memory-efficient kernel, which
-    was faster there than flash attention's 128-token tiles; else the kernel PyTorch picks."""
+    """softmax(q k^T / 8) v, each (B, 3, N, 64), `dropout` on the weights (nn.MultiheadAttention's).
+    Under AMP on a GPU, up to 64 tokens (pre-training's encoder: 37) by the memory-efficient kernel,
+    faster there than flash's 128-token tiles (timed in bf16, no dropout); else PyTorch's pick."""
     if q.is_cuda and q.dtype != torch.float32 and q.shape[2] <= 64:
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -847,8 +845,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where there is one)")
     toggle = argparse.BooleanOptionalAction  # --flag and --no-flag
     p.add_argument("--compile", action=toggle, help="default: on a GPU")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="bf16 (fp16 below 8.0); CPU: off")
-    p.add_argument("--norm-first", action=toggle, help="pre-norm (default) or post-norm (§3.1)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: by the GPU (README)")
+    p.add_argument("--norm-first", action=toggle, help="pre- or post-norm; --init, eval: their own")
     p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1))
     args = p.parse_args(argv)
     if args.crop_scale is not None:
@@ -889,7 +887,7 @@ def check_args(args):
             if getattr(args, key) not in (None, resume["args"][key]):
                 raise UsageError(
                     f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the run in "
-                    f"{args.out}; on --resume only --epochs, --save-every, --data-dir may change"
+                    f"{args.out}; on --resume only --epochs, --save-every, --data-dir, --amp change"
                 )
         for key in [*FIXED_ON_RESUME, "epochs", "data_dir", "save_every", "amp"]:
             run[key] = resume["args"][key]
@@ -927,16 +925,17 @@ def check_args(args):
     for name in ("checkpoint.pth", "metrics.jsonl"):
         if args.out and not args.resume and os.path.exists(os.path.join(args.out, name)):
             raise UsageError(f"--out {args.out} has a run ({name}); use another --out")
-    # On a GPU: torch.compile (Triton) from compute capability 7.0, fast bf16 from 8.0; below it
-    # (T4, V100, P100) fp16, which their tensor cores run. Eval passes over the test set once,
-    # which compiling would not repay.
+    # On a GPU: torch.compile (Triton) from compute capability 7.0; autocast to bf16 from 8.0, to
+    # fp16 on 7.x's tensor cores and on the P100 (6.0: fp16 at twice fp32's rate), else none (other
+    # 6.x GPUs run fp16 at 1/64 of it). Eval passes over the test set once: compiling would not pay.
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     if args.compile is None:
         args.compile = capability >= (7, 0) and args.stage != "eval"
-    if args.amp is None and device.type == "cpu":
-        args.amp = "off"
+    fast_fp16 = capability >= (7, 0) or capability == (6, 0)
+    if args.amp is None and capability >= (8, 0):
+        args.amp = "bf16"
     elif args.amp is None:
-        args.amp = "bf16" if capability >= (8, 0) else "fp16"
+        args.amp = "fp16" if fast_fp16 else "off"  # the CPU's capability here is (0, 0)
     return resume, init
 
 

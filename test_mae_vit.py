@@ -1692,12 +1692,13 @@ def test_eval_does_not_compile_by_default_on_cuda(checkpoints, monkeypatch):
         ((8, 0), True, "bf16"),
         ((7, 5), True, "fp16"),
         ((6, 0), False, "fp16"),
+        ((6, 1), False, "off"),
     ],
 )
 def test_gpu_defaults_follow_compute_capability(monkeypatch, capability, compile, amp):
-    """bf16 autocast by default from Ampere (8.0), fp16 with a loss scaler below it, where tensor
-    cores run fp16 but not bf16 (T4 7.5, V100 7.0, P100 6.0); torch.compile from Volta (7.0): a
-    P100 runs eager instead of meeting a Triton error."""
+    """bf16 autocast by default from Ampere (8.0); fp16 with a loss scaler where fp16 is fast and
+    bf16 is not (T4 7.5, V100 7.0, P100 6.0), fp32 where neither is (GTX 10xx, P40: 6.1); and
+    torch.compile from Volta (7.0): a P100 runs eager instead of meeting a Triton error."""
     fake_gpu(monkeypatch, capability)
     args = M.parse_args(cli("--stage pretrain --dataset cifar10 --device cuda"))
     M.check_args(args)
